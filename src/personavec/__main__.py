@@ -1,0 +1,3 @@
+from personavec.cli import main
+
+main()

@@ -1,0 +1,222 @@
+"""Add (or ablate) a persona vector in the residual stream, and project activations onto it.
+
+Steering at layer ``l`` changes the output of decoder block ``l`` (layer convention of
+:mod:`personavec.layers`), so everything downstream, including the KV cache, sees the change.
+
+The hooks live exactly as long as the ``with steer(...)`` block, are removed on any exit (exceptions
+included), never modify tensors in place, and so also work under autograd: fine-tuning can train through
+them (preventative steering).
+
+Positions:
+
+* ``"all"``: every token of every forward pass;
+* ``"prompt"``: only tokens of the prompt (the first forward pass inside the block);
+* ``"response"``: only tokens generated after the prompt. During ``generate`` with a KV cache these are
+  the one-token decoding steps; without a cache, the positions past the prompt's length;
+* a bool tensor ``[B, T]`` (or ``[T]``): exactly those positions of a forward pass of that shape, for
+  teacher-forced training where the response span is known.
+
+Projection convention (used by monitoring and screening too): ``project`` returns the scalar projection
+``a . v_l / ||v_l||`` onto the *unit* direction, in the units of the residual stream itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from personavec.errors import PersonavecError
+from personavec.layers import check_layers
+from personavec.models import LoadedModel
+from personavec.vectors import PersonaVector
+
+# A mode maps (hidden [.., T, d], direction [d], coef, position mask [.., T, 1]) to the new hidden.
+Mode = Callable[[Tensor, Tensor, float, Tensor | None], Tensor]
+Positions = str | Tensor
+
+
+def add(hidden: Tensor, direction: Tensor, coef: float, mask: Tensor | None) -> Tensor:
+    """Activation addition: ``h + coef * v`` at the selected positions."""
+    delta = coef * direction
+    return hidden + (delta if mask is None else mask * delta)
+
+
+def ablate(hidden: Tensor, direction: Tensor, coef: float, mask: Tensor | None) -> Tensor:
+    """Directional ablation: remove the component of ``h`` along ``v`` (``coef`` is ignored)."""
+    unit = direction / direction.norm().clamp(min=1e-12)
+    removed = (hidden @ unit).unsqueeze(-1) * unit
+    return hidden - (removed if mask is None else mask * removed)
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """One vector applied at some layers.
+
+    Attributes:
+        vector: The persona vector.
+        layers: Layer indices ``1..L`` whose block outputs are changed.
+        coef: Strength; negative steers away from the trait.
+        positions: ``all``, ``prompt``, ``response`` or a bool mask.
+        mode: :func:`add` (default) or :func:`ablate`, or any callable of that shape.
+    """
+
+    vector: PersonaVector
+    layers: Sequence[int]
+    coef: float = 1.0
+    positions: Positions = "all"
+    mode: Mode = field(default=add)
+
+
+class _PositionTracker:
+    """Decides, once per forward pass, which positions of that pass are prompt or response."""
+
+    def __init__(self) -> None:
+        self.prompt_len: int | None = None
+        self.steps = 0
+        self.length = 0
+        self.past = 0  # tokens of this sequence before the current pass (KV-cached decoding)
+
+    def update(self, seq_len: int) -> None:
+        if self.prompt_len is not None and seq_len == 1:
+            self.past, self.steps = self.prompt_len + self.steps, self.steps + 1
+        elif self.prompt_len is not None and seq_len == self.prompt_len + self.steps + 1:
+            self.past, self.steps = 0, self.steps + 1  # generation without a cache re-reads everything
+        else:
+            self.prompt_len, self.steps, self.past = seq_len, 0, 0  # a new prompt
+        self.length = seq_len
+
+    def mask(self, positions: Positions, shape: torch.Size, device: torch.device) -> Tensor | None:
+        if isinstance(positions, Tensor):
+            if positions.shape[-1] != shape[1] or (positions.ndim == 2 and positions.shape[0] != shape[0]):
+                raise PersonavecError(
+                    f"steering mask of shape {list(positions.shape)} does not fit a forward pass of "
+                    f"{shape[0]} x {shape[1]} tokens"
+                )
+            return positions.to(device=device).unsqueeze(-1)
+        if positions == "all":
+            return None
+        assert self.prompt_len is not None
+        index = torch.arange(self.past, self.past + self.length, device=device)
+        is_prompt = index < self.prompt_len
+        chosen = is_prompt if positions == "prompt" else ~is_prompt
+        return chosen.view(1, -1, 1)
+
+
+def _resolve(positions: Positions) -> Positions:
+    if isinstance(positions, str) and positions not in ("all", "prompt", "response"):
+        raise PersonavecError(
+            f"positions must be 'all', 'prompt', 'response' or a bool mask, not '{positions}'"
+        )
+    if isinstance(positions, Tensor) and positions.dtype != torch.bool:
+        raise PersonavecError("a steering position mask must be a bool tensor")
+    return positions
+
+
+@contextmanager
+def steer(
+    lm: LoadedModel,
+    vector: PersonaVector | Sequence[SteeringSpec],
+    layers: int | Sequence[int] | None = None,
+    coef: float = 1.0,
+    positions: Positions = "all",
+    mode: Mode = add,
+) -> Iterator[None]:
+    """Steer a model inside a ``with`` block.
+
+    Args:
+        lm: The loaded model.
+        vector: A persona vector, or several :class:`SteeringSpec` to apply together.
+        layers: Layer index or indices (``1..L``); default: the vector's recommended layer.
+        coef: Strength (ignored by :func:`ablate`); negative steers away from the trait.
+        positions: ``all``, ``prompt``, ``response`` or a bool mask (see the module docstring).
+        mode: :func:`add` or :func:`ablate` (or your own callable of the same shape).
+
+    Yields:
+        Nothing; the model is steered until the block exits.
+
+    Raises:
+        PersonavecError: On a vector/model mismatch, a bad layer, or bad positions.
+    """
+    if isinstance(vector, PersonaVector):
+        if layers is None:
+            rec = vector.meta.extra.get("recommended_layer")
+            if rec is None:
+                raise PersonavecError(f"vector '{vector.meta.trait}' has no recommended layer: pass layers=")
+            layers = int(rec)
+        specs: Sequence[SteeringSpec] = [
+            SteeringSpec(vector, [layers] if isinstance(layers, int) else list(layers), coef, positions, mode)
+        ]
+    else:
+        specs = list(vector)
+    n_blocks, d = lm.info.n_blocks, lm.info.hidden_size
+    plan: list[tuple[int, Tensor, float, Positions, Mode]] = []
+    for spec in specs:
+        spec.vector.check_model(n_blocks, d, lm.info.id)
+        pos = _resolve(spec.positions)
+        for layer in check_layers(spec.layers, n_blocks, allow_embeddings=False):
+            plan.append((layer, spec.vector.at(layer), float(spec.coef), pos, spec.mode))
+
+    tracker = _PositionTracker()
+    cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+    def pre_hook(_module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        assert isinstance(hidden, Tensor)
+        tracker.update(hidden.shape[1])
+
+    def make_hook(i: int) -> Callable[..., object]:
+        _layer, direction, c, pos, fn = plan[i]
+
+        def hook(_module: torch.nn.Module, _args: object, output: object) -> object:
+            hidden = output if isinstance(output, Tensor) else output[0]  # type: ignore[index]
+            key = (i, hidden.device, hidden.dtype)
+            if key not in cache:
+                cache[key] = direction.to(hidden.device, hidden.dtype)
+            mask = tracker.mask(pos, hidden.shape, hidden.device)
+            if mask is not None:
+                mask = mask.to(hidden.dtype)
+            new = fn(hidden, cache[key], c, mask)
+            if isinstance(output, Tensor):
+                return new
+            return (new, *output[1:])  # type: ignore[index]
+
+        return hook
+
+    handles = [lm.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    try:
+        for i, (layer, *_rest) in enumerate(plan):
+            handles.append(lm.blocks[layer - 1].register_forward_hook(make_hook(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def project(activations: Tensor, vector: PersonaVector, layer: int) -> Tensor:
+    """Scalar projection onto the unit direction of ``vector`` at ``layer``.
+
+    Args:
+        activations: ``[..., d]`` activations taken at that layer index.
+        vector: The persona vector.
+        layer: Layer index (0 = embeddings, l = output of block l).
+
+    Returns:
+        ``[...]`` projections ``a . v_l / ||v_l||``.
+
+    Raises:
+        PersonavecError: If the widths differ or the row is zero.
+    """
+    direction = vector.at(layer)
+    if activations.shape[-1] != direction.shape[0]:
+        raise PersonavecError(
+            f"activations have width {activations.shape[-1]} but vector '{vector.meta.trait}' "
+            f"has {direction.shape[0]}"
+        )
+    norm = direction.norm()
+    if float(norm) == 0.0:
+        raise PersonavecError(f"vector '{vector.meta.trait}' is zero at layer {layer}: nothing to project on")
+    return activations.float() @ (direction.to(activations.device) / norm)

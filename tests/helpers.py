@@ -1,0 +1,36 @@
+"""Small builders shared by tests."""
+
+from __future__ import annotations
+
+import torch
+
+from personavec.models import LoadedModel
+from personavec.vectors import PersonaVector, VectorMeta
+
+
+def random_vector(lm: LoadedModel, trait: str = "test", seed: int = 0, scale: float = 1.0) -> PersonaVector:
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(lm.info.n_blocks + 1, lm.info.hidden_size, generator=g) * scale
+    meta = VectorMeta(
+        trait=trait,
+        model_id=lm.info.id,
+        model_fingerprint=lm.info.fingerprint,
+        n_blocks=lm.info.n_blocks,
+        hidden_size=lm.info.hidden_size,
+    )
+    return PersonaVector(data, meta)
+
+
+def block_outputs(
+    lm: LoadedModel,
+) -> tuple[list[tuple[int, torch.Tensor]], list[torch.utils.hooks.RemovableHandle]]:
+    """Record (layer, output) of every block on every forward pass; the caller removes the handles."""
+    seen: list[tuple[int, torch.Tensor]] = []
+    handles = []
+    for i, block in enumerate(lm.blocks):
+
+        def hook(_m, _a, out, layer=i + 1):  # type: ignore[no-untyped-def]
+            seen.append((layer, (out if isinstance(out, torch.Tensor) else out[0]).detach().clone()))
+
+        handles.append(block.register_forward_hook(hook))
+    return seen, handles

@@ -1,0 +1,112 @@
+"""Captured activations equal transformers' own hidden states (the independent ground truth)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from personavec.activations import capture_activations, iter_activations, pad_batch
+from personavec.conversations import encode
+from personavec.errors import PersonavecError
+from personavec.models import LoadedModel
+
+from .conftest import CONVERSATIONS, tiny
+
+
+def reference(lm: LoadedModel, conversation: list[dict[str, str]]) -> tuple[list[torch.Tensor], int]:
+    """Run one example alone through transformers with output_hidden_states=True."""
+    enc = encode(lm.tokenizer, conversation)
+    ids = torch.tensor([enc.ids])
+    with torch.no_grad():
+        out = lm.backbone(input_ids=ids, output_hidden_states=True)
+    return [h[0] for h in out.hidden_states], enc.prompt_len
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_capture_matches_hidden_states(tiny_lm: LoadedModel, padding_side: str) -> None:
+    acts = capture_activations(tiny_lm, CONVERSATIONS, tokens=True, padding_side=padding_side)
+    n_blocks = tiny_lm.info.n_blocks
+    assert acts["response_mean"].shape == (3, n_blocks + 1, tiny_lm.info.hidden_size)
+    assert acts.tokens is not None
+    for i, conv in enumerate(CONVERSATIONS):
+        hs, p = reference(tiny_lm, conv)
+        assert len(hs) == n_blocks + 1
+        for layer in range(n_blocks + 1):
+            ref = hs[layer]
+            ours = acts.tokens[i][:, layer]
+            if layer == n_blocks:
+                # Convention: our index L is the raw block output; transformers applies the final norm.
+                assert tiny_lm.final_norm is not None
+                assert not torch.allclose(ours, ref, atol=1e-3)
+                with torch.no_grad():
+                    ours = tiny_lm.final_norm(ours)
+                ref_pooled = None
+            else:
+                ref_pooled = ref
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+            if ref_pooled is not None:
+                torch.testing.assert_close(
+                    acts["response_mean"][i, layer], ref[p:].mean(0), atol=1e-5, rtol=1e-5
+                )
+                torch.testing.assert_close(
+                    acts["prompt_mean"][i, layer], ref[:p].mean(0), atol=1e-5, rtol=1e-5
+                )
+                torch.testing.assert_close(acts["last_prompt"][i, layer], ref[p - 1], atol=1e-5, rtol=1e-5)
+
+
+def test_subset_of_layers_and_batching_do_not_change_results() -> None:
+    lm = tiny("qwen2", n_layers=4)
+    full = capture_activations(lm, CONVERSATIONS)
+    part = capture_activations(lm, CONVERSATIONS, layers=[2, 0], batch_size=1)
+    assert part.layers == (0, 2)
+    torch.testing.assert_close(part.at("last_prompt", 2), full.at("last_prompt", 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part.at("response_mean", 0), full.at("response_mean", 0), atol=1e-5, rtol=1e-5)
+
+
+def test_capture_stops_after_deepest_layer() -> None:
+    lm = tiny("llama", n_layers=4)
+    ran: list[int] = []
+    handles = [b.register_forward_hook(lambda *_a, i=i: ran.append(i)) for i, b in enumerate(lm.blocks)]
+    head_calls: list[int] = []
+    handles.append(lm.model.lm_head.register_forward_hook(lambda *_a: head_calls.append(1)))
+    try:
+        capture_activations(lm, CONVERSATIONS[:1], layers=[2])
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran == [0, 1]
+    assert head_calls == []
+
+
+def test_stream_yields_every_example_once() -> None:
+    lm = tiny("gpt2")
+    convs = CONVERSATIONS * 5
+    seen = [ex.index for ex in iter_activations(lm, convs, layers=[1], batch_size=4, token_budget=300)]
+    assert sorted(seen) == list(range(len(convs)))
+
+
+def test_left_padding_positions_count_real_tokens() -> None:
+    lm = tiny("llama")
+    enc = [encode(lm.tokenizer, c) for c in CONVERSATIONS[:2]]
+    _ids, layout, pos = pad_batch(enc, 0, "left", torch.device("cpu"))
+    short = 1 if len(enc[1].ids) < len(enc[0].ids) else 0
+    first_real = int(layout.attention_mask[short].argmax())
+    assert first_real > 0 and int(pos[short, first_real]) == 0
+    assert bool(layout.response_mask[short, -1]) and not bool(layout.prompt_mask[short, -1])
+
+
+def test_bad_input_errors() -> None:
+    lm = tiny("llama")
+    with pytest.raises(PersonavecError, match="empty"):
+        capture_activations(lm, [])
+    with pytest.raises(PersonavecError, match=r"valid layers for this model are 0\.\.3"):
+        capture_activations(lm, CONVERSATIONS, layers=[4])
+    with pytest.raises(PersonavecError, match="no assistant turn"):
+        capture_activations(lm, [[{"role": "user", "content": "hi"}]])
+    with pytest.raises(PersonavecError, match="unknown role"):
+        capture_activations(lm, [[{"role": "robot", "content": "hi"}]])
+    # Without response pooling a prompt-only conversation is fine.
+    from personavec.activations import last_prompt
+
+    acts = capture_activations(lm, [[{"role": "user", "content": "hi"}]], poolings=[last_prompt])
+    assert acts["last_prompt"].shape == (1, 4, 32)
