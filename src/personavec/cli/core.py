@@ -1,103 +1,19 @@
-"""The ``personavec`` command line: a thin face over the library.
-
-Results go to stdout (a rich table, or one JSON document with ``--json``); progress and logs go to
-stderr. A :class:`~personavec.errors.PersonavecError` becomes one ``error: ...`` line and exit code 2.
-Layer flags use the convention of :mod:`personavec.layers` (0 = embeddings, l = output of block l).
-"""
+"""Core commands: model info, the demo, and vector files."""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from personavec import __version__
-from personavec.errors import PersonavecError
+from personavec.cli import JSON_OPT, MODEL_OPT, app, emit_json, err, friendly, load, out, parse_layers
 
-app = typer.Typer(
-    help="Persona vectors: extract, monitor and steer character traits.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
 vector_app = typer.Typer(help="Inspect, import and export vector files.", no_args_is_help=True)
 app.add_typer(vector_app, name="vector")
-
-out = Console()
-err = Console(stderr=True)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-MODEL_OPT = typer.Option(
-    None, "--model", "-m", help="smollm2-135m (default), a HF id, a folder or a .gguf file."
-)
-JSON_OPT = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
-
-
-def friendly(fn: F) -> F:
-    """Turn PersonavecError into one line on stderr and exit code 2."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except PersonavecError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def emit_json(obj: Any) -> None:
-    """Write one JSON document to stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    """Parse ``"5"``, ``"3,7,9"`` or ``"10-12"`` into layer indices."""
-    if text is None:
-        return None
-    layers: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                layers.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                layers.append(int(part))
-    except ValueError:
-        raise PersonavecError(f"cannot parse layers '{text}': use e.g. 12 or 10,12 or 10-14") from None
-    return layers
-
-
-def _load(model: str | None, quiet: bool = False) -> Any:
-    from transformers.utils import logging as hf_logging
-
-    from personavec.models import load_model
-
-    hf_logging.disable_progress_bar()  # our own status line says what is happening
-    t0 = time.perf_counter()
-    with err.status(f"loading {model or 'the embedded model'} ...") if not quiet else _null():
-        lm = load_model(model)
-    err.print(f"loaded {lm.info.id} in {time.perf_counter() - t0:.1f}s", highlight=False)
-    return lm
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_a: object) -> None:
-        return None
 
 
 @app.command()
@@ -114,7 +30,7 @@ def info(model: str | None = MODEL_OPT, as_json: bool = JSON_OPT) -> None:
     from personavec.models import cache_dir
 
     t0 = time.perf_counter()
-    lm = _load(model)
+    lm = load(model)
     seconds = time.perf_counter() - t0
     data = {
         **lm.info.to_dict(),
@@ -145,7 +61,7 @@ def demo(
     """Build a quick cruel-vs-kind vector from built-in examples and show a steered answer."""
     from personavec.demo import run_demo
 
-    lm = _load(model)
+    lm = load(model)
     with err.status("capturing activations and generating ..."):
         result = run_demo(lm, prompt, layer=layer, coef=coef)
     if save is not None:
@@ -230,7 +146,7 @@ def vector_import_gguf(
     """Import a GGUF control vector (repeng / llama.cpp) for a model."""
     from personavec.interop import import_gguf
 
-    lm = _load(model)
+    lm = load(model)
     v = import_gguf(
         path,
         n_blocks=lm.info.n_blocks,
@@ -241,8 +157,3 @@ def vector_import_gguf(
     )
     v.save(out_path)
     err.print(f"wrote {out_path}")
-
-
-def main() -> None:
-    """Entry point for ``python -m personavec``."""
-    app()

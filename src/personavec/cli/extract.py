@@ -1,0 +1,135 @@
+"""The extraction command: describe a trait, get a persona vector."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from personavec.cli import JSON_OPT, MODEL_OPT, app, emit_json, err, friendly, load, out, parse_layers
+
+
+@contextmanager
+def rich_progress() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """A progress factory drawing one rich bar per stage on stderr."""
+    columns = (
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+
+        def factory(label: str, total: int) -> Callable[[int], None]:
+            task = progress.add_task(label, total=total)
+            return lambda n: progress.advance(task, n)
+
+        yield factory
+
+
+def _default_out(trait: str, model: str | None) -> Path:
+    short = re.sub(r"[^A-Za-z0-9_.-]+", "-", (model or "smollm2-135m").rstrip("/").split("/")[-1])
+    return Path("runs") / f"{Path(trait).stem}-{short}"
+
+
+@app.command()
+@friendly
+def extract(
+    trait: str = typer.Argument(..., help="A built-in trait name, or the path of a trait spec file."),
+    model: str | None = MODEL_OPT,
+    judge: str | None = typer.Option(
+        None, help="Trait judge: embedding (default, offline), local[:MODEL], openai:MODEL, anthropic:MODEL."
+    ),
+    coherence_judge: str | None = typer.Option(
+        None, "--coherence-judge", help="Coherence judge: perplexity (default, offline) or as --judge."
+    ),
+    author: str | None = typer.Option(
+        None,
+        help="With --description: who writes a new trait's artifacts (openai:M, anthropic:M; default offline).",
+    ),
+    description: str | None = typer.Option(
+        None, help="Make a new trait named TRAIT from this one-sentence description."
+    ),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="Run folder (default runs/TRAIT-MODEL); reused to resume."
+    ),
+    rollouts: int = typer.Option(1, min=1, help="Answers per (prompt pair, polarity, question)."),
+    layers: str | None = typer.Option(None, help="Layers the recommendation may pick from, e.g. 8-24."),
+    quick: bool = typer.Option(False, "--quick", help="A small run for demos and CI (2 pairs, 8 questions)."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Answer length in tokens."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Build a trait's vector: generate, judge, filter, extract and evaluate (resumable)."""
+    from dataclasses import replace
+
+    from personavec.judging import make_coherence_judge, make_trait_judge
+    from personavec.pipeline import QUICK, RunConfig, run_extraction
+    from personavec.traits import build_artifacts, load_trait
+
+    t0 = time.perf_counter()
+    if description is not None:
+        spec = build_artifacts(trait, description, author)
+        err.print(f"built artifacts for '{spec.name}' with {spec.metadata.get('author', 'template')}")
+    else:
+        if author is not None:
+            err.print("note: --author only applies with --description (a new trait); ignored")
+        spec = load_trait(trait)
+    config = QUICK if quick else RunConfig()
+    config = replace(config, rollouts=rollouts, candidate_layers=parse_layers(layers))
+    if max_new_tokens is not None:
+        config = replace(config, sampling=replace(config.sampling, max_new_tokens=max_new_tokens))
+    lm = load(model)
+    with err.status("loading judges ..."):
+        trait_judge = make_trait_judge(judge, spec, lm)
+        coh_judge = make_coherence_judge(coherence_judge, lm)
+    target = out_dir or _default_out(spec.name, model)
+    with rich_progress() as progress:
+        result = run_extraction(
+            lm,
+            spec,
+            target,
+            trait_judge=trait_judge,
+            coherence_judge=coh_judge,
+            config=config,
+            progress=progress,
+        )
+    summary = result.summary
+    summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    if as_json:
+        emit_json(summary)
+        return
+    counts = summary["counts"]
+    table = Table(title=f"{spec.name} on {lm.info.id}", show_header=False)
+    table.add_row("run folder", str(result.out_dir))
+    table.add_row("answers (extraction / held-out)", f"{counts['responses']} / {counts['heldout']}")
+    table.add_row("kept positive / negative", f"{counts['kept_pos']} / {counts['kept_neg']}")
+    for pol in ("pos", "neg"):
+        table.add_row(
+            f"dropped {pol}: trait / incoherent / unscored",
+            f"{counts[f'dropped_trait_{pol}']} / {counts[f'dropped_incoherent_{pol}']} / "
+            f"{counts[f'dropped_unscored_{pol}']}",
+        )
+    table.add_row("judges", f"{summary['trait_judge']}  |  {summary['coherence_judge']}")
+    table.add_row("recommended layer", str(summary["recommended_layer"]))
+    table.add_row(
+        "held-out AUROC / effect size there",
+        f"{summary['recommended_layer_auroc']:.3f} / {summary['recommended_layer_effect_size']:.2f}",
+    )
+    table.add_row("held-out labels", summary["evaluation"]["response_mean"]["labels"])
+    table.add_row("time", f"{summary['total_seconds']} s")
+    out.print(table)

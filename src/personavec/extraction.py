@@ -1,0 +1,173 @@
+"""The pipeline's extraction and evaluation steps: difference of means, and how well each layer separates.
+
+Extraction averages activations over the kept answers (three poolings, as the paper compares them) and
+takes the per-layer difference of means. Evaluation re-reads held-out answers *without their system
+prompt* (question and answer only), so a vector is credited for what the answer says, not for the
+prompt the model was given, and measures per layer how well the projection separates answers that show
+the trait from answers that do not (AUROC and Cohen's d).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from personavec.activations import DEFAULT_POOLINGS, capture_activations, response_mean
+from personavec.errors import PersonavecError
+from personavec.generation import ResponseRow
+from personavec.models import LoadedModel
+from personavec.vectors import PersonaVector, VectorMeta, mean_difference
+
+
+def extract_vector(
+    lm: LoadedModel,
+    positive: Sequence[ResponseRow],
+    negative: Sequence[ResponseRow],
+    *,
+    trait: str,
+    extra: dict[str, object] | None = None,
+    min_samples: int = 2,
+    batch_size: int = 16,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[str, PersonaVector]:
+    """Per-layer difference of mean activations of kept positive and negative answers.
+
+    Args:
+        lm: The target model.
+        positive: Kept answers under trait-eliciting prompts.
+        negative: Kept answers under suppressing prompts.
+        trait: Trait name to record.
+        extra: Metadata to record (trait hash, judge, thresholds, counts ...).
+        min_samples: Fewest kept answers per side to make a vector.
+        batch_size: Conversations per forward pass.
+        on_progress: Called with the number of conversations captured.
+
+    Returns:
+        Pooling name (``response_mean``, ``prompt_mean``, ``last_prompt``) -> ``[L + 1, d]`` vector.
+
+    Raises:
+        PersonavecError: If too few answers survived filtering, saying how many and what to change.
+    """
+    if len(positive) < min_samples or len(negative) < min_samples:
+        raise PersonavecError(
+            f"too few answers survived filtering: {len(positive)} positive and {len(negative)} negative "
+            f"(need {min_samples} each); raise --rollouts, lower the thresholds, or use a stronger judge"
+        )
+    convs = [r.conversation() for r in [*positive, *negative]]
+    acts = capture_activations(lm, convs, batch_size=batch_size, on_batch=on_progress)
+    n_pos = len(positive)
+    vectors = {}
+    for pooling in (p.__name__ for p in DEFAULT_POOLINGS):
+        meta = VectorMeta(
+            trait=trait,
+            model_id=lm.info.id,
+            model_fingerprint=lm.info.fingerprint,
+            n_blocks=lm.info.n_blocks,
+            hidden_size=lm.info.hidden_size,
+            method="mean_diff",
+            pooling=pooling,
+            extra=dict(extra or {}),
+        )
+        vectors[pooling] = mean_difference(acts[pooling][:n_pos], acts[pooling][n_pos:], meta)
+    return vectors
+
+
+def auroc(scores: Tensor, labels: Tensor) -> float:
+    """Area under the ROC curve (probability a positive outscores a negative; ties count half)."""
+    pos, neg = scores[labels.bool()], scores[~labels.bool()]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos.unsqueeze(1) > neg.unsqueeze(0)).float().sum()
+    ties = (pos.unsqueeze(1) == neg.unsqueeze(0)).float().sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def cohens_d(scores: Tensor, labels: Tensor) -> float:
+    """Standardised mean difference (pooled standard deviation) of positives minus negatives."""
+    pos, neg = scores[labels.bool()].double(), scores[~labels.bool()].double()
+    if len(pos) < 2 or len(neg) < 2:
+        return float("nan")
+    pooled = (((len(pos) - 1) * pos.var() + (len(neg) - 1) * neg.var()) / (len(pos) + len(neg) - 2)).sqrt()
+    return float((pos.mean() - neg.mean()) / pooled.clamp(min=1e-12))
+
+
+@dataclass(frozen=True)
+class LayerEvaluation:
+    """Per-layer separation of held-out answers by projection onto a vector.
+
+    Attributes:
+        layers: Layer indices evaluated (1..L).
+        auroc: AUROC per layer.
+        effect_size: Cohen's d per layer.
+        n_positive: Held-out answers labelled as showing the trait.
+        n_negative: Held-out answers labelled as not showing it.
+        labels: How the labels were made.
+        best_layer: The layer with the highest AUROC (ties: larger effect size).
+    """
+
+    layers: list[int]
+    auroc: list[float]
+    effect_size: list[float]
+    n_positive: int
+    n_negative: int
+    labels: str
+    best_layer: int
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON form."""
+        return dict(self.__dict__)
+
+
+def evaluate_layers(
+    lm: LoadedModel,
+    vectors: dict[str, PersonaVector],
+    positive: Sequence[ResponseRow],
+    negative: Sequence[ResponseRow],
+    *,
+    labels: str,
+    batch_size: int = 16,
+) -> dict[str, LayerEvaluation]:
+    """How well each layer's projection separates held-out positive from negative answers.
+
+    Answers are re-read as (question, answer) without the system prompt, response-mean pooled, and
+    projected onto each vector's unit direction per layer.
+
+    Args:
+        lm: The target model.
+        vectors: Pooling name -> vector (as from :func:`extract_vector`).
+        positive: Held-out answers that show the trait.
+        negative: Held-out answers that do not.
+        labels: Description of how the two groups were chosen (recorded).
+        batch_size: Conversations per forward pass.
+
+    Returns:
+        Pooling name -> :class:`LayerEvaluation`.
+
+    Raises:
+        PersonavecError: If either group is empty.
+    """
+    if not positive or not negative:
+        raise PersonavecError(
+            f"cannot evaluate with {len(positive)} positive and {len(negative)} negative held-out answers"
+        )
+    convs = [r.conversation(with_system=False) for r in [*positive, *negative]]
+    acts = capture_activations(lm, convs, poolings=[response_mean], batch_size=batch_size)["response_mean"]
+    label = torch.tensor([1] * len(positive) + [0] * len(negative))
+    layers = list(range(1, lm.info.n_blocks + 1))
+    out = {}
+    for name, vector in vectors.items():
+        units = vector.data / vector.norms().clamp(min=1e-12).unsqueeze(-1)
+        proj = torch.einsum("nld,ld->nl", acts, units)
+        aucs = [auroc(proj[:, layer], label) for layer in layers]
+        ds = [cohens_d(proj[:, layer], label) for layer in layers]
+        best = max(layers, key=lambda layer: (finite_or_low(aucs[layer - 1]), finite_or_low(ds[layer - 1])))
+        out[name] = LayerEvaluation(layers, aucs, ds, len(positive), len(negative), labels, best)
+    return out
+
+
+def finite_or_low(x: float) -> float:
+    """NaN becomes -inf, so it never wins a max()."""
+    return float("-inf") if x != x else x

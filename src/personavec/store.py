@@ -1,0 +1,79 @@
+"""An append-only JSONL store of finished work, keyed, so any run can be killed and resumed.
+
+Every record is one JSON line with a ``key``. A record is appended (and flushed to disk) as soon as it is
+finished; on open, the file is read back, a torn last line (the process was killed mid-write) is cut
+off, and the keys already present are skipped by the caller. Nothing is lost, duplicated or recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def record_key(fields: dict[str, Any]) -> str:
+    """A stable key for the fields that identify a piece of work."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class JsonlStore:
+    """Keyed records in one JSONL file.
+
+    Args:
+        path: The file (created with its folder if missing).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._records: dict[str, dict[str, Any]] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        good_end = 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # torn write from a killed process: drop it below
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            self._records.setdefault(record["key"], record)
+            good_end += len(line)
+        if good_end < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The record with this key, if stored."""
+        return self._records.get(key)
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """All records, in the order they were first written."""
+        return iter(self._records.values())
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        """Write finished records (each must have a ``key``); keys already stored are skipped."""
+        fresh = [r for r in records if r["key"] not in self._records]
+        if not fresh:
+            return
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # a finished record must survive a kill right after this call
+        for r in fresh:
+            self._records[r["key"]] = r
