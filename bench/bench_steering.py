@@ -2,8 +2,8 @@
 
 One batch of 8 prompts, 64 new tokens, one steered layer (15, coef 2.0, the demo vector), greedy and
 sampled. Throughput counts the tokens the model computed: batch x decoding steps, where the steps are
-counted in an untimed rerun (generation is deterministic for a fixed seed), so an early end of sequence
-in one variant cannot make it look faster.
+counted during the timed calls by a pre-hook on the model (one Python call per step, in both variants),
+so an early end of sequence in one variant cannot make it look faster.
 
 Run alone: ``python bench/bench_steering.py``.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from common import load_lm, log, time_interleaved
@@ -42,23 +43,30 @@ PARAMS = {
 }
 
 
-def count_steps(lm: Any, fn: Callable[[], object]) -> int:
-    """Forward passes of the model during ``fn()`` (= tokens generated per row)."""
-    calls = 0
+class StepCounter:
+    """Counts forward passes of the model (= tokens generated per row) in the last call of each variant."""
 
-    def hook(*_args: object) -> None:
-        nonlocal calls
-        calls += 1
+    def __init__(self) -> None:
+        self.calls = 0
+        self.steps: dict[str, int] = {}
 
-    handle = lm.model.register_forward_pre_hook(hook)
-    try:
-        fn()
-    finally:
-        handle.remove()
-    return calls
+    def hook(self, *_args: object) -> None:
+        self.calls += 1
+
+    def wrap(self, name: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def counted() -> object:
+            before = self.calls
+            out = fn()
+            self.steps[name] = self.calls - before
+            return out
+
+        return counted
 
 
-def build_variants(lm: Any, vector: PersonaVector) -> dict[str, Callable[[], object]]:
+def build_variants(
+    lm: Any, vector: PersonaVector, new_tokens: int = NEW_TOKENS
+) -> dict[str, Callable[[], object]]:
+    """Plain and steered ``generate`` calls, greedy and sampled."""
     convs = [[{"role": "user", "content": p}] for p in PROMPTS[:BATCH]]
 
     def plain(params: SamplingParams) -> Callable[[], object]:
@@ -73,27 +81,41 @@ def build_variants(lm: Any, vector: PersonaVector) -> dict[str, Callable[[], obj
 
     variants: dict[str, Callable[[], object]] = {}
     for mode, params in PARAMS.items():
-        variants[f"{mode}_plain"] = plain(params)
-        variants[f"{mode}_steered"] = steered(params)
+        sized = replace(params, max_new_tokens=new_tokens)
+        variants[f"{mode}_plain"] = plain(sized)
+        variants[f"{mode}_steered"] = steered(sized)
     return variants
 
 
 def run(lm: Any, repeats: int = REPEATS) -> dict[str, Any]:
     """Time plain and steered generation; returns tokens/s medians and steered/plain ratios."""
     vector = demo_vector(lm)
-    variants = build_variants(lm, vector)
+    counter = StepCounter()
+    variants = {name: counter.wrap(name, fn) for name, fn in build_variants(lm, vector).items()}
     log(f"steering: batch {BATCH}, {NEW_TOKENS} new tokens, layer {LAYER}, coef {COEF}")
-    timings = time_interleaved(variants, repeats)
-    steps = {name: count_steps(lm, fn) for name, fn in variants.items()}
+    handle = lm.model.register_forward_pre_hook(counter.hook)
+    try:
+        # Warm-up: every variant once with 8 new tokens (same code path, prefill included).
+        timings = time_interleaved(variants, repeats, build_variants(lm, vector, new_tokens=8))
+    finally:
+        handle.remove()
+    steps = counter.steps
     tps = {name: BATCH * steps[name] / t.median for name, t in timings.items()}
+    cpu_tps = {name: BATCH * steps[name] / t.cpu_median for name, t in timings.items()}
     ratios = {f"{mode}: steered / plain": tps[f"{mode}_steered"] / tps[f"{mode}_plain"] for mode in PARAMS}
+    cpu_ratios = {
+        f"{mode}: steered / plain": cpu_tps[f"{mode}_steered"] / cpu_tps[f"{mode}_plain"] for mode in PARAMS
+    }
     return {
         "steps": steps,
         "seconds": {name: t.seconds for name, t in timings.items()},
+        "cpu_seconds": {name: t.cpu_seconds for name, t in timings.items()},
         "tokens_per_s": tps,
         "ratios": ratios,
-        "targets": {f"{mode} steered >= 95% of plain": ratios[f"{mode}: steered / plain"] >= 0.95
-                    for mode in PARAMS},
+        "cpu_time_ratios": cpu_ratios,
+        "targets": {
+            f"{mode} steered >= 95% of plain": ratios[f"{mode}: steered / plain"] >= 0.95 for mode in PARAMS
+        },
     }
 
 

@@ -93,33 +93,46 @@ def mixed_lengths(n: int, low: int, high: int) -> list[int]:
 
 @dataclass
 class Timing:
-    """Wall-clock seconds of every timed repetition of one variant."""
+    """Wall-clock and process CPU seconds of every timed repetition of one variant.
+
+    CPU time (all threads) is a second opinion on a shared machine: it does not grow while the process
+    waits for a core, though it does include OpenMP threads spinning at barriers.
+    """
 
     name: str
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
 
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_seconds)
+
 
 def time_interleaved(
-    variants: dict[str, Callable[[], object]], repeats: int, *, warmup: bool = True
+    variants: dict[str, Callable[[], object]],
+    repeats: int,
+    warmups: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, Timing]:
-    """Run every variant once to warm up, then ``repeats`` rounds of all variants in turn.
+    """Warm every variant up once, then time ``repeats`` rounds of all variants in turn.
 
     Interleaving spreads background load on a shared machine over all variants instead of penalising
-    whichever happened to run during a busy moment; the medians are what we report.
+    whichever happened to run during a busy moment; the medians are what we report. ``warmups`` are
+    cheaper stand-ins for the warm-up call (same code path on less data); by default each variant
+    itself runs once untimed.
     """
-    if warmup:
-        for fn in variants.values():
-            fn()
+    for fn in (warmups or variants).values():
+        fn()
     timings = {name: Timing(name) for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             timings[name].seconds.append(time.perf_counter() - start)
+            timings[name].cpu_seconds.append(time.process_time() - cpu_start)
     return timings
 
 

@@ -7,6 +7,7 @@ llama.cpp's server, Ollama ...; ``ANTHROPIC_API_KEY``) and are never logged or w
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import re
@@ -42,7 +43,11 @@ class ChatClient(Protocol):
     name: str
 
     def complete(
-        self, messages: Sequence[dict[str, str]], *, max_tokens: int = 512, temperature: float = 0.0,
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
         logprobs: bool = False,
     ) -> Completion:
         """Reply to ``messages``; raises :class:`personavec.errors.PersonavecError` after retries fail."""
@@ -78,9 +83,11 @@ def _require(package: str) -> Any:
 def _key(variable: str, provider: str) -> str:
     key = os.environ.get(variable, "").strip()
     if not key:
-        hint = " (servers that need no key, such as a local vLLM or Ollama, accept any value)" if (
-            provider == "openai"
-        ) else ""
+        hint = (
+            " (servers that need no key, such as a local vLLM or Ollama, accept any value)"
+            if (provider == "openai")
+            else ""
+        )
         raise PersonavecError(f"{variable} is not set: export it to use '{provider}:' clients{hint}")
     return key
 
@@ -110,7 +117,11 @@ class OpenAIClient:
         self._retries = max_retries
 
     def complete(
-        self, messages: Sequence[dict[str, str]], *, max_tokens: int = 512, temperature: float = 0.0,
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
         logprobs: bool = False,
     ) -> Completion:
         """Reply to ``messages``; with ``logprobs`` also the first token's top-20 alternatives.
@@ -159,12 +170,22 @@ class AnthropicClient:
         self._anthropic = anthropic
         self._key = _key("ANTHROPIC_API_KEY", "anthropic")
         self._client = anthropic.Anthropic(api_key=self._key, timeout=timeout, max_retries=max_retries)
+        # Recent SDKs dropped `temperature` from messages.create; older ones accept it.
+        try:
+            params = inspect.signature(self._client.messages.create).parameters
+            self._takes_temperature = "temperature" in params
+        except (TypeError, ValueError):
+            self._takes_temperature = False
         self.model = model
         self.name = f"anthropic:{model}"
         self._retries = max_retries
 
     def complete(
-        self, messages: Sequence[dict[str, str]], *, max_tokens: int = 512, temperature: float = 0.0,
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
         logprobs: bool = False,
     ) -> Completion:
         """Reply to ``messages`` (``logprobs`` is ignored: the API has none).
@@ -175,9 +196,9 @@ class AnthropicClient:
         # The Messages API takes system prompts as a separate argument, not as a message.
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         chat = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
-        kwargs: dict[str, Any] = {
-            "model": self.model, "messages": chat, "max_tokens": max_tokens, "temperature": temperature
-        }
+        kwargs: dict[str, Any] = {"model": self.model, "messages": chat, "max_tokens": max_tokens}
+        if self._takes_temperature:
+            kwargs["temperature"] = temperature
         if system:
             kwargs["system"] = system
         try:

@@ -11,6 +11,7 @@ after a crash resumes where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -286,4 +287,10 @@ def run_extraction(
         "timings_s": timings,
     }
     _write_json(out / "summary.json", summary)
+    try:
+        from personavec.reports import write_report
+
+        write_report(out, lm=lm)
+    except Exception as e:  # the vectors and summary are saved; a plotting failure must only warn
+        logging.getLogger(__name__).warning("report not written: %s", e)
     return RunResult(out, vectors, summary)

@@ -60,7 +60,7 @@ def extract(
     ),
     author: str | None = typer.Option(
         None,
-        help="With --description: who writes a new trait's artifacts (openai:M, anthropic:M; default offline).",
+        help="With --description: who writes the artifacts (openai:M, anthropic:M; default offline).",
     ),
     description: str | None = typer.Option(
         None, help="Make a new trait named TRAIT from this one-sentence description."

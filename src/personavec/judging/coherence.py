@@ -155,7 +155,9 @@ class PerplexityCoherence:
             log.warning(
                 "model %s barely prefers fluent to shuffled text (%.3f vs %.3f nats/token): "
                 "perplexity coherence scores will be uninformative",
-                lm.info.id, hi, lo,
+                lm.info.id,
+                hi,
+                lo,
             )
         self._mid = (hi + lo) / 2
         self._slope = math.log(_HIGH / _LOW) / (max(hi - lo, _MIN_GAP) / 2)
@@ -195,8 +197,11 @@ class PerplexityCoherence:
         kwargs = {"logits_to_keep": width - first} if self._keep_arg else {}
         with torch.inference_mode():
             logits = self.lm.model(
-                input_ids=ids, attention_mask=layout.attention_mask, position_ids=positions,
-                use_cache=False, **kwargs,
+                input_ids=ids,
+                attention_mask=layout.attention_mask,
+                position_ids=positions,
+                use_cache=False,
+                **kwargs,
             ).logits
         offset = width - logits.shape[1]  # absolute position of logits[:, 0]
         means = []

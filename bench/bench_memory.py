@@ -1,0 +1,85 @@
+"""Peak memory of capture over many conversations: streaming stays flat, collecting grows a little.
+
+Each measurement runs in its own process: load the model, warm up on 32 conversations (the first
+forward pass pages in the weights and fills the allocator, which is not what we measure), note the peak
+RSS, then capture all layers with ``response_mean`` over N short (~60 token) conversations and note the
+peak RSS again (``resource.getrusage(RUSAGE_SELF).ru_maxrss``):
+
+* ``iter``: ``iter_activations``, keeping only a running sum of the pooled vectors;
+* ``capture``: ``capture_activations``, which keeps an ``[N, L + 1, d]`` float32 tensor
+  (N x 31 x 576 x 4 bytes: 14 MB for N = 200, 143 MB for N = 2,000).
+
+Run alone: ``python bench/bench_memory.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import log
+
+SIZES = (200, 2000)
+MODES = ("iter", "capture")
+
+CHILD = """
+import json, resource, sys, time
+import torch
+from common import conversation, load_lm
+from personavec.activations import capture_activations, iter_activations, response_mean
+
+mode, n = sys.argv[1], int(sys.argv[2])
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+lm = load_lm()
+capture_activations(lm, [conversation(i, 1 + i % 2) for i in range(32)], poolings=[response_mean])
+warm = peak_mb()
+convs = [conversation(i, 1 + i % 2) for i in range(n)]
+start = time.perf_counter()
+if mode == "iter":
+    total = torch.zeros(lm.info.n_blocks + 1, lm.info.hidden_size)
+    for ex in iter_activations(lm, convs, poolings=[response_mean]):
+        total += ex.pooled["response_mean"]
+else:
+    acts = capture_activations(lm, convs, poolings=[response_mean])
+seconds = time.perf_counter() - start
+print(json.dumps({"warm_peak_mb": warm, "peak_mb": peak_mb(), "seconds": seconds}))
+"""
+
+
+def child(mode: str, n: int) -> dict[str, Any]:
+    """One measurement in a fresh process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(n)],
+        env=env,
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
+    """Peak RSS of every (mode, N); the growth from the smallest to the largest N per mode."""
+    results: dict[str, dict[str, Any]] = {}
+    for mode in MODES:
+        for n in sizes:
+            log(f"memory: {mode} over {n} conversations")
+            start = time.perf_counter()
+            results[f"{mode}_{n}"] = {**child(mode, n), "process_wall_s": time.perf_counter() - start}
+    growth = {
+        mode: results[f"{mode}_{sizes[-1]}"]["peak_mb"] - results[f"{mode}_{sizes[0]}"]["peak_mb"]
+        for mode in MODES
+    }
+    return {"runs": results, "growth_mb": growth}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))

@@ -1,0 +1,449 @@
+"""One HTML file per run folder, readable offline: no scripts, no fonts or styles from the network.
+
+Plots are drawn with matplotlib (Agg backend, no display needed), saved as PNG beside the HTML and
+embedded in it as base64 ``data:`` URIs, so the single file can be mailed or archived on its own.
+
+Inputs, all optional except ``summary.json`` or ``sweep.json``: ``trait.yaml``, ``summary.json``
+(extraction counts and per-layer separation), ``sweep.json`` (dose-response and example answers with
+per-token projections). With a model at hand and no token data stored, a few held-out answers are
+re-read to draw the per-token heatmap.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from personavec.errors import PersonavecError
+
+if TYPE_CHECKING:
+    from personavec.models import LoadedModel
+
+REPORT_NAME = "report.html"
+SWEEP_NAME = "sweep.json"
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;background:#fff;line-height:1.45;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}.num{text-align:right;font-variant-numeric:tabular-nums}
+.chosen{background:#fff3c4}.muted{color:#777}img{max-width:100%;border:1px solid #eee}
+.tok{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em;
+line-height:1.9;border:1px solid #eee;padding:.5em}.tok span{border-radius:2px}
+blockquote{margin:.3em 0 .8em 0;padding:.3em .8em;border-left:3px solid #ccc;background:#fafafa}
+"""
+
+
+def _esc(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt(x: object, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return (
+            "nan" if math.isnan(x) else f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
+        )
+    return _esc(x)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PersonavecError(f"{path}: not valid JSON ({e})") from e
+    return data if isinstance(data, dict) else None
+
+
+def _png(fig: Any, path: Path) -> str:
+    """Save a figure as PNG beside the report and return it as a data URI."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must be set before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _separation_plot(evaluation: dict[str, Any], recommended: int | None, path: Path) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name, ev in evaluation.items():
+        axes[0].plot(ev["layers"], ev["auroc"], marker=".", label=name)
+        axes[1].plot(ev["layers"], ev["effect_size"], marker=".", label=name)
+    for ax, title in zip(axes, ("held-out AUROC", "effect size (Cohen's d)")):
+        if recommended is not None:
+            ax.axvline(recommended, color="#999", linestyle="--", linewidth=1)
+        ax.set_xlabel("layer")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _png(fig, path)
+
+
+def _dose_plot(sweep: dict[str, Any], path: Path) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    cells = [c for c in sweep["cells"] if not c["refused"]]
+    base = sweep["baselines"]
+    use_judge = sweep["choice"].get("chosen_by", {}).get("signal") == "judge"
+    for layer in sorted({c["layer"] for c in cells}):
+        for condition, style in (("amplify", "-"), ("suppress", ":")):
+            pts = sorted(
+                [(c["fraction"], c) for c in cells if c["layer"] == layer and c["condition"] == condition],
+                key=lambda p: p[0],
+            )
+            b = base.get(condition)
+            if b is not None:
+                pts = [(0.0, b), *pts] if condition == "amplify" else [*pts, (0.0, b)]
+            xs = [p[0] for p in pts]
+            label = f"layer {layer}" + ("" if condition == "amplify" else " (under eliciting prompt)")
+            axes[0].plot(xs, [p[1]["trait"] for p in pts], style, marker="o", label=label)
+            if use_judge:
+                axes[1].plot(xs, [p[1]["judge_coherence"] for p in pts], style, marker="o", label=label)
+            else:
+                axes[1].plot(xs, [p[1]["ppl_ratio"] for p in pts], style, marker="o", label=label)
+    for kind, marker in (("amplify", "*"), ("suppress", "X")):
+        ch = sweep["choice"].get(kind)
+        if ch:
+            axes[0].plot(
+                [ch["coef_fraction_of_residual_norm"]], [ch["trait_readback"]], marker, color="black",
+                markersize=15, label=f"chosen ({kind})",
+            )  # fmt: skip
+            y = ch["judge_coherence"] if use_judge else ch["ppl_ratio"]
+            axes[1].plot([ch["coef_fraction_of_residual_norm"]], [y], marker, color="black", markersize=15)
+    axes[0].set_title(f"trait read-back (projection at layer {sweep['readback_layer']})")
+    axes[1].set_title("judge coherence (0-100)" if use_judge else "perplexity ratio to unsteered")
+    for ax in axes:
+        ax.set_xlabel("coefficient x ||v|| / residual norm")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _png(fig, path)
+
+
+def _colour(value: float, scale: float) -> str:
+    """Red for positive projection (towards the trait), blue for negative, white at 0."""
+    t = max(-1.0, min(1.0, value / scale)) if scale > 0 else 0.0
+    if t >= 0:
+        return f"rgba(220,50,47,{0.75 * t:.3f})"
+    return f"rgba(38,139,210,{0.75 * -t:.3f})"
+
+
+def _heatmap(examples: list[dict[str, Any]], layer: int) -> str:
+    """Answers as spans coloured by each token's projection (one shared colour scale)."""
+    vals = [abs(x) for ex in examples for x in ex.get("token_projection", [])]
+    if not vals:
+        return "<p class='muted'>no per-token data.</p>"
+    vals.sort()
+    scale = vals[int(0.95 * (len(vals) - 1))] or 1.0  # a few outlier tokens must not wash out the rest
+    parts = [
+        f"<p>Projection of each answer token onto the unit vector at layer {layer}, read by the "
+        f"unsteered model. Red: towards the trait, blue: away; full colour at |projection| &ge; "
+        f"{scale:.3g}. Hover a token for its value.</p>"
+    ]
+    for ex in examples:
+        spans = "".join(
+            f"<span style='background:{_colour(p, scale)}' title='{p:.3f}'>{_esc(t)}</span>"
+            for t, p in zip(ex["tokens"], ex["token_projection"])
+        )
+        head = _esc(ex.get("label", ""))
+        parts.append(f"<p><b>{head}</b> &mdash; {_esc(ex['question'])}</p><div class='tok'>{spans}</div>")
+    return "\n".join(parts)
+
+
+def _table(header: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join(
+        f"<tr class='{(classes or [''] * len(rows))[i]}'>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
+        for i, r in enumerate(rows)
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _heldout_examples(
+    run_dir: Path, lm: LoadedModel, summary: dict[str, Any], n: int = 4
+) -> list[dict[str, Any]]:
+    """Re-read a few held-out answers (two per polarity) for the heatmap when no sweep stored tokens."""
+    from personavec.readback import read_back
+    from personavec.store import JsonlStore
+    from personavec.vectors import PersonaVector
+
+    vec_path = run_dir / "vector.safetensors"
+    store_path = run_dir / "responses.jsonl"
+    if not vec_path.is_file() or not store_path.is_file():
+        return []
+    vector = PersonaVector.load(vec_path)
+    layer = int(summary.get("recommended_layer") or max(1, vector.meta.n_blocks // 2))
+    rows = [r for r in JsonlStore(store_path).records() if r.get("split") == "evaluation"]
+    picked = [r for r in rows if r["polarity"] == "pos"][: n // 2] + [
+        r for r in rows if r["polarity"] == "neg"
+    ][: n // 2]
+    picked = [r for r in picked if str(r.get("answer", "")).strip()]
+    if not picked:
+        return []
+    rb = read_back(lm, vector, [(r["question"], r["answer"]) for r in picked], layer, tokens=True)
+    assert rb.tokens is not None and rb.token_projection is not None
+    return [
+        {
+            "label": f"held-out, {'trait-eliciting' if r['polarity'] == 'pos' else 'suppressing'} prompt",
+            "question": r["question"],
+            "tokens": t,
+            "token_projection": p,
+        }
+        for r, t, p in zip(picked, rb.tokens, rb.token_projection)
+    ]
+
+
+def write_report(
+    run_dir: str | os.PathLike[str],
+    *,
+    lm: LoadedModel | None = None,
+    out: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write ``report.html`` (and its PNG plots) for a run folder.
+
+    Args:
+        run_dir: A run folder from ``extract`` and/or ``sweep`` (``summary.json``, ``sweep.json``...).
+        lm: The model, used only to draw the token heatmap when no sweep stored per-token data.
+        out: The HTML path (default ``RUN_DIR/report.html``).
+
+    Returns:
+        The HTML file written.
+
+    Raises:
+        PersonavecError: If the folder has neither ``summary.json`` nor ``sweep.json``.
+    """
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise PersonavecError(f"run folder not found: {folder}")
+    summary = _read_json(folder / "summary.json")
+    sweep = _read_json(folder / SWEEP_NAME)
+    if summary is None and sweep is None:
+        raise PersonavecError(f"{folder} has no summary.json or {SWEEP_NAME}: not a run folder")
+    target = Path(out) if out is not None else folder / REPORT_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    spec: dict[str, Any] | None = None
+    if (folder / "trait.yaml").is_file():
+        loaded = yaml.safe_load((folder / "trait.yaml").read_text(encoding="utf-8"))
+        spec = loaded if isinstance(loaded, dict) else None
+
+    trait = (
+        (spec or {}).get("name")
+        or (summary or {}).get("trait")
+        or (sweep or {}).get("settings", {}).get("trait")
+    )
+    model = (summary or {}).get("model", {}).get("id") or (sweep or {}).get("settings", {}).get("model")
+    parts = [f"<h1>Persona vector report: {_esc(trait)}</h1>", f"<p class='muted'>model: {_esc(model)}</p>"]
+
+    # -- trait spec --------------------------------------------------------------------------------
+    parts.append("<h2 id='trait'>Trait</h2>")
+    if spec:
+        pairs = spec.get("pairs") or []
+        parts.append(f"<p>{_esc(spec.get('description', ''))}</p>")
+        parts.append(
+            _table(
+                ["prompt pairs", "extraction questions", "evaluation questions", "version"],
+                [
+                    [
+                        str(len(pairs)),
+                        str(len(spec.get("extraction_questions") or [])),
+                        str(len(spec.get("evaluation_questions") or [])),
+                        _esc(spec.get("version", "")),
+                    ]
+                ],
+            )
+        )
+        if pairs:
+            parts.append(
+                f"<p>First pair &mdash; eliciting:</p><blockquote>{_esc(pairs[0]['positive'])}</blockquote>"
+                f"<p>suppressing:</p><blockquote>{_esc(pairs[0]['negative'])}</blockquote>"
+            )
+    else:
+        parts.append("<p class='muted'>no trait.yaml in this folder.</p>")
+
+    # -- extraction: filtering and separation -------------------------------------------------------
+    parts.append("<h2 id='filtering'>Filtering</h2>")
+    if summary:
+        c = summary.get("counts", {})
+        rows = []
+        for pol, name in (("pos", "positive (eliciting)"), ("neg", "negative (suppressing)")):
+            rows.append(
+                [
+                    name,
+                    str(c.get(f"total_{pol}", "-")),
+                    str(c.get(f"kept_{pol}", "-")),
+                    str(c.get(f"dropped_trait_{pol}", "-")),
+                    str(c.get(f"dropped_incoherent_{pol}", "-")),
+                    str(c.get(f"dropped_unscored_{pol}", "-")),
+                ]
+            )
+        parts.append(
+            _table(
+                ["side", "answers", "kept", "dropped: trait", "dropped: incoherent", "dropped: unscored"],
+                rows,
+            )
+        )
+        parts.append(
+            f"<p>Judges: {_esc(summary.get('trait_judge'))} | {_esc(summary.get('coherence_judge'))}</p>"
+        )
+    else:
+        parts.append("<p class='muted'>no extraction summary.</p>")
+
+    parts.append("<h2 id='separation'>Per-layer separation</h2>")
+    if summary and summary.get("evaluation"):
+        evaluation = summary["evaluation"]
+        rec = summary.get("recommended_layer")
+        uri = _separation_plot(evaluation, rec, folder / "separation.png")
+        parts.append(f"<img alt='per-layer separation' src='{uri}'>")
+        names = list(evaluation)
+        layers = evaluation[names[0]]["layers"]
+        rows = []
+        classes = []
+        for i, layer in enumerate(layers):
+            row = [str(layer)]
+            for nm in names:
+                row += [_fmt(evaluation[nm]["auroc"][i]), _fmt(evaluation[nm]["effect_size"][i], 2)]
+            rows.append(row)
+            classes.append("chosen" if layer == rec else "")
+        header = ["layer"] + [f"{nm} {k}" for nm in names for k in ("AUROC", "d")]
+        parts.append(
+            f"<p>Recommended layer: <b>{_esc(rec)}</b> "
+            f"(labels: {_esc(evaluation[names[0]].get('labels', ''))})</p>"
+        )
+        parts.append(_table(header, rows, classes))
+    else:
+        parts.append("<p class='muted'>no per-layer evaluation.</p>")
+
+    # -- sweep --------------------------------------------------------------------------------------
+    parts.append("<h2 id='dose-response'>Dose-response</h2>")
+    token_examples: list[dict[str, Any]] = []
+    heat_layer = (summary or {}).get("recommended_layer")
+    if sweep:
+        uri = _dose_plot(sweep, folder / "dose_response.png")
+        parts.append(f"<img alt='dose-response' src='{uri}'>")
+        choice = sweep["choice"]
+        by = choice.get("chosen_by", {})
+        parts.append(f"<p>Chosen by: trait = {_esc(by.get('trait'))}; guard = {_esc(by.get('guard'))}.</p>")
+        for kind in ("amplify", "suppress"):
+            ch = choice.get(kind)
+            text = (
+                f"layer {ch['layer']}, coef {ch['coef']:.4g} "
+                f"({100 * ch['coef_fraction_of_residual_norm']:.1f}% of residual norm): "
+                f"read-back {_fmt(ch['trait_readback'])} vs {_fmt(ch['baseline_trait_readback'])} unsteered, "
+                f"perplexity ratio {_fmt(ch['ppl_ratio'], 2)}"
+                if ch
+                else "none passed the guard"
+            )
+            parts.append(f"<p><b>{kind}</b>: {_esc(text)}</p>")
+        rows, classes = [], []
+        all_cells = [*sweep["baselines"].values(), *sweep["cells"]]
+        for cell in all_cells:
+            ch = choice.get(cell["condition"])
+            chosen = bool(ch) and (ch["layer"], ch["coef"]) == (cell["layer"], cell["coef"])
+            rows.append(
+                [
+                    _esc(cell["condition"]),
+                    "unsteered" if cell["layer"] == 0 else str(cell["layer"]),
+                    _fmt(cell["coef"], 4),
+                    f"{100 * cell['fraction']:.1f}%",
+                    "refused" if cell["refused"] else _fmt(cell["trait"]),
+                    "-" if cell["refused"] else _fmt(cell["ppl_ratio"], 2),
+                    "-" if cell["refused"] else _fmt(cell.get("repetition"), 2),
+                    _fmt(cell.get("judge_trait"), 1),
+                    _fmt(cell.get("judge_coherence"), 1),
+                ]
+            )
+            classes.append("chosen" if chosen else "")
+        parts.append(
+            _table(
+                [
+                    "condition",
+                    "layer",
+                    "coef",
+                    "% residual",
+                    "trait read-back",
+                    "ppl ratio",
+                    "repeated 3-grams",
+                    "judge trait",
+                    "judge coh.",
+                ],
+                rows,
+                classes,
+            )
+        )
+        agr = sweep.get("agreement", {})
+        parts.append(
+            "<p>Agreement across cells (Spearman): read-back vs judge trait "
+            f"{_fmt(agr.get('readback_vs_judge_trait'), 2)}; perplexity ratio vs judge coherence "
+            f"{_fmt(agr.get('ppl_ratio_vs_judge_coherence'), 2)}.</p>"
+        )
+        for w in sweep.get("warnings", []):
+            parts.append(f"<p class='muted'>warning: {_esc(w)}</p>")
+        parts.append("<h2 id='examples'>Example answers</h2>")
+        ex_rows = []
+        for ex in sweep.get("examples", []):
+            where = "unsteered" if ex["layer"] == 0 else f"layer {ex['layer']}"
+            ex_rows.append(
+                [
+                    _esc(ex["condition"]),
+                    _esc(where),
+                    f"{100 * ex['fraction']:.1f}%",
+                    _esc(ex["question"]),
+                    _esc(ex["answer"]),
+                    _fmt(ex["projection"]),
+                ]
+            )
+            if ex.get("tokens"):
+                token_examples.append(
+                    {**ex, "label": f"{ex['condition']}, {where}, {100 * ex['fraction']:.1f}%"}
+                )
+        parts.append(
+            _table(["condition", "steered at", "% residual", "question", "answer", "read-back"], ex_rows)
+        )
+        heat_layer = sweep["readback_layer"]
+    else:
+        parts.append("<p class='muted'>no sweep result yet: run <code>personavec sweep</code>.</p>")
+        parts.append("<h2 id='examples'>Example answers</h2><p class='muted'>from a sweep only.</p>")
+
+    parts.append("<h2 id='heatmap'>Per-token projection</h2>")
+    if not token_examples and lm is not None and summary is not None:
+        token_examples = _heldout_examples(folder, lm, summary)
+    # Keep the page short: at most six answers, spread over the coefficients.
+    if len(token_examples) > 6:
+        step = len(token_examples) / 6
+        token_examples = [token_examples[int(i * step)] for i in range(6)]
+    parts.append(_heatmap(token_examples, int(heat_layer or 0)))
+
+    page = (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>personavec report: {_esc(trait)}</title><style>{_CSS}</style></head><body>\n"
+        + "\n".join(parts)
+        + "\n</body></html>\n"
+    )
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(page)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
+    os.replace(tmp, target)
+    return target

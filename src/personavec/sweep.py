@@ -1,0 +1,730 @@
+"""Steering sweep: how much trait, and how much fluency, each (layer, coefficient) buys.
+
+For every cell of a grid of layers x coefficients the trait's evaluation questions are answered under
+steering, and each answer is measured twice:
+
+* judge-free (:mod:`personavec.readback`): the unsteered model re-reads the answer; the response-mean
+  projection at one fixed *read-back layer* (the vector's recommended layer, so all cells share a unit)
+  is the trait expression, and the perplexity ratio to the unsteered answers is the fluency cost;
+* with judges, when given: trait and coherence scores 0-100.
+
+Two conditions are swept: *amplify* (no system prompt, coefficients >= 0) and *suppress* (the trait's
+first eliciting system prompt, ``spec.pairs[0].positive``, coefficients <= 0), each against its own
+unsteered baseline.
+
+Coefficients are in the vector's own units (``steer`` adds ``coef * v_l``), but the default grid is set
+in *fractions of the residual-stream norm*: ``coef * ||v_l|| / r_l`` with ``r_l`` the mean per-token
+residual norm at layer ``l`` on neutral text. A fraction means the same on every model and layer; a raw
+coefficient does not. Cells whose added norm would push the residual past ``10 x r_l`` are refused.
+
+Everything is cached in a :class:`~personavec.store.JsonlStore`, so a killed sweep resumes and a repeated
+one recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from personavec.activations import capture_activations, response_mean
+from personavec.errors import PersonavecError
+from personavec.generation import SamplingParams, generate
+from personavec.judging.base import Judge, JudgeItem
+from personavec.judging.coherence import REFERENCES, repetition_share
+from personavec.layers import check_layers
+from personavec.models import LoadedModel
+from personavec.readback import ReadBack, read_back
+from personavec.steering import steer
+from personavec.store import JsonlStore, record_key
+from personavec.traits.spec import TraitSpec
+from personavec.vectors import PersonaVector
+
+log = logging.getLogger(__name__)
+
+# A steered residual above this multiple of the layer's usual norm is far off-distribution: refused.
+MAX_NORM_MULTIPLE = 10.0
+# Geometric: the trait rises and fluency falls roughly with log(coef), and the coherent range is often
+# below 0.2 of the residual norm on small models, so that end needs the resolution.
+DEFAULT_FRACTIONS = (0.03125, 0.0625, 0.125, 0.25, 0.5)
+QUICK_FRACTIONS = (0.0625, 0.125, 0.25)
+# Fraction of the residual norm used when a vector has no sweep result yet.
+DEFAULT_STEER_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class Guard:
+    """When a cell still counts as coherent.
+
+    Attributes:
+        coherence_min: Least mean judge coherence (0-100), used when the judge has real signal.
+        ppl_ratio_max: Largest perplexity ratio to the unsteered answers, used otherwise.
+        repetition_max: Largest mean share of repeated word 3-grams, checked with the perplexity guard:
+            a loop ("evil evil evil ...") is *likely* text to a language model, so perplexity alone
+            passes it.
+    """
+
+    coherence_min: float = 50.0
+    ppl_ratio_max: float = 2.0
+    repetition_max: float = 0.5
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Aggregated result of one (condition, layer, coefficient).
+
+    Attributes:
+        condition: ``amplify`` (no system prompt) or ``suppress`` (trait-eliciting system prompt).
+        layer: Steering layer (0 for the unsteered baseline).
+        coef: Coefficient in vector units.
+        fraction: ``coef * ||v_layer|| / residual_norm[layer]`` (signed).
+        trait: Mean read-back projection.
+        ppl_ratio: Perplexity ratio to the condition's unsteered answers.
+        repetition: Mean share of repeated word 3-grams.
+        judge_trait: Mean trait judge score, if a judge was given.
+        judge_coherence: Mean coherence judge score, if a judge was given.
+        n: Answers behind the numbers.
+        refused: True when the cell was not run (steered norm too large).
+    """
+
+    condition: str
+    layer: int
+    coef: float
+    fraction: float
+    trait: float
+    ppl_ratio: float
+    repetition: float = 0.0
+    judge_trait: float | None = None
+    judge_coherence: float | None = None
+    n: int = 0
+    refused: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON form."""
+        return asdict(self)
+
+
+@dataclass
+class SweepResult:
+    """What a sweep found.
+
+    Attributes:
+        cells: Steered cells (refused ones included, marked).
+        baselines: Condition -> the unsteered cell.
+        readback_layer: Layer the trait read-back is taken at.
+        residual_norms: Layer -> mean residual norm on neutral text.
+        choice: The automatic choice (see :func:`choose`).
+        agreement: Spearman correlations between read-back and judge measures across cells.
+        examples: Sample answers: dicts with condition, layer, coef, fraction, question, answer,
+            projection and per-token projections.
+        warnings: Human-readable warnings (refused cells ...).
+        settings: Grid, sampling and judge names.
+    """
+
+    cells: list[Cell]
+    baselines: dict[str, Cell]
+    readback_layer: int
+    residual_norms: dict[int, float]
+    choice: dict[str, Any]
+    agreement: dict[str, float | None]
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON form (written as ``sweep.json``); non-finite numbers become ``null``."""
+        return _finite(
+            {
+                "cells": [c.to_dict() for c in self.cells],
+                "baselines": {k: c.to_dict() for k, c in self.baselines.items()},
+                "readback_layer": self.readback_layer,
+                "residual_norms": {str(k): v for k, v in self.residual_norms.items()},
+                "choice": self.choice,
+                "agreement": self.agreement,
+                "examples": self.examples,
+                "warnings": self.warnings,
+                "settings": self.settings,
+            }
+        )
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities replaced by ``None``, so the JSON is strict (no ``NaN`` tokens)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def vector_hash(vector: PersonaVector) -> str:
+    """Short hash of the vector's values (metadata changes, such as a stored choice, keep it)."""
+    return hashlib.sha256(vector.data.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def residual_norms(lm: LoadedModel, layers: Sequence[int] | None = None) -> dict[int, float]:
+    """Mean per-token residual-stream norm per layer, on neutral (question, answer) text.
+
+    Answer tokens only: they are what steering acts on during generation, and it leaves out the first
+    positions, whose norms are often huge outliers (attention sinks).
+
+    Args:
+        lm: The model.
+        layers: Layer indices (default ``1..L``).
+
+    Returns:
+        Layer -> mean L2 norm.
+    """
+    wanted = check_layers(range(1, lm.info.n_blocks + 1) if layers is None else layers, lm.info.n_blocks)
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in REFERENCES]
+    acts = capture_activations(lm, convs, layers=wanted, poolings=[response_mean], tokens=True)
+    assert acts.tokens is not None
+    norms = torch.cat([t[p:].norm(dim=-1) for t, p in zip(acts.tokens, acts.prompt_lens)])  # [T, layers]
+    return {layer: float(norms[:, i].mean()) for i, layer in enumerate(wanted)}
+
+
+def readback_layer(vector: PersonaVector) -> int:
+    """The layer trait expression is read at: the vector's recommended layer, else the middle block."""
+    rec = vector.meta.extra.get("recommended_layer")
+    return int(rec) if rec is not None else max(1, round(vector.meta.n_blocks / 2))
+
+
+def default_layers(vector: PersonaVector, *, quick: bool = False) -> list[int]:
+    """Steering layers: around the recommended layer, plus a few spread over 1/3..3/4 of the depth.
+
+    Args:
+        vector: The vector (its ``n_blocks`` and recommended layer).
+        quick: Two layers only: the recommended one and the middle block (or 1/3 depth).
+
+    Returns:
+        Sorted layer indices in ``1..L``.
+    """
+    n = vector.meta.n_blocks
+    rec = readback_layer(vector)
+    spread = {round(n / 3), round(n / 2), round(3 * n / 4)}
+    if quick:
+        other = round(n / 2) if round(n / 2) != rec else round(n / 3)
+        layers = {rec, other}
+    else:
+        layers = {rec - 2, rec, rec + 2, *spread}
+    return sorted(x for x in layers if 1 <= x <= n)
+
+
+def coef_for_fraction(vector: PersonaVector, layer: int, fraction: float, norms: dict[int, float]) -> float:
+    """The coefficient whose added vector has ``fraction`` of layer ``layer``'s residual norm."""
+    vnorm = float(vector.at(layer).norm())
+    if vnorm == 0.0:
+        raise PersonavecError(f"vector '{vector.meta.trait}' is zero at layer {layer}: cannot steer with it")
+    return fraction * norms[layer] / vnorm
+
+
+def fraction_of_norm(vector: PersonaVector, layer: int, coef: float, norms: dict[int, float]) -> float:
+    """Signed ``coef * ||v_layer|| / residual_norm[layer]``."""
+    return coef * float(vector.at(layer).norm()) / norms[layer]
+
+
+def too_large(fraction: float) -> bool:
+    """Whether adding this fraction of the residual norm can push it past ``MAX_NORM_MULTIPLE`` x."""
+    # Worst case (vector aligned with the residual): ||h + c v|| = r + |c| ||v||.
+    return 1.0 + abs(fraction) > MAX_NORM_MULTIPLE
+
+
+def judge_has_signal(judge: Judge | None) -> bool:
+    """Whether a judge can tell good from bad answers (a calibrated perplexity judge may not)."""
+    if judge is None:
+        return False
+    cal = getattr(judge, "calibration", None)
+    if cal is not None:
+        hi, lo = cal
+        return bool(hi - lo >= 0.05)
+    return True
+
+
+def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float | None:
+    """Spearman rank correlation over pairs where both are finite (``None`` with < 3 pairs or no spread)."""
+    pairs = [
+        (float(a), float(b))
+        for a, b in zip(x, y)
+        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)
+    ]
+    if len(pairs) < 3:
+        return None
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2  # ties share their average rank
+            i = j + 1
+        return r
+
+    rx, ry = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    vy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return None if vx == 0 or vy == 0 else cov / (vx * vy)
+
+
+def passes_guard(cell: Cell, guard: Guard, use_judge: bool) -> bool:
+    """Whether a cell stays coherent enough under the guard in force."""
+    if cell.refused:
+        return False
+    if use_judge:
+        return cell.judge_coherence is not None and cell.judge_coherence >= guard.coherence_min
+    return (
+        math.isfinite(cell.ppl_ratio)
+        and cell.ppl_ratio <= guard.ppl_ratio_max
+        and cell.repetition <= guard.repetition_max
+    )
+
+
+def _numbers(cell: Cell, baseline: Cell) -> dict[str, Any]:
+    return {
+        "layer": cell.layer,
+        "coef": cell.coef,
+        "coef_fraction_of_residual_norm": cell.fraction,
+        "trait_readback": cell.trait,
+        "baseline_trait_readback": baseline.trait,
+        "trait_change": cell.trait - baseline.trait,
+        "ppl_ratio": cell.ppl_ratio,
+        "repetition": cell.repetition,
+        "judge_trait": cell.judge_trait,
+        "judge_coherence": cell.judge_coherence,
+        "baseline_judge_coherence": baseline.judge_coherence,
+        "n": cell.n,
+    }
+
+
+def choose(
+    cells: Sequence[Cell],
+    baselines: dict[str, Cell],
+    *,
+    use_judge: bool,
+    guard: Guard | None = None,
+    coherence_judge: str | None = None,
+) -> dict[str, Any]:
+    """Pick the amplifying and the suppressing setting from sweep cells.
+
+    Amplify: among ``amplify`` cells with ``coef > 0`` that pass the guard, the one whose read-back
+    rises most above the unsteered baseline (it must rise). Suppress: among ``suppress`` cells with
+    ``coef < 0`` that pass the guard, the one with the largest drop below the baseline answered under the
+    same eliciting system prompt (it must drop). Refused cells never win.
+
+    Args:
+        cells: Steered cells.
+        baselines: ``amplify`` / ``suppress`` -> unsteered cell.
+        use_judge: Guard with judge coherence (``>= coherence_min``) instead of the perplexity ratio.
+        guard: Thresholds.
+        coherence_judge: Judge name, recorded in ``chosen_by``.
+
+    Returns:
+        ``{"amplify": numbers | None, "suppress": numbers | None, "chosen_by": {...}}``.
+    """
+    guard = guard or Guard()
+    out: dict[str, Any] = {}
+    for condition, sign in (("amplify", 1.0), ("suppress", -1.0)):
+        base = baselines.get(condition)
+        best: Cell | None = None
+        if base is not None:
+            ok = [
+                c
+                for c in cells
+                if c.condition == condition
+                and sign * c.coef > 0
+                and math.isfinite(c.trait)
+                and sign * (c.trait - base.trait) > 0
+                and passes_guard(c, guard, use_judge)
+            ]
+            # Largest change wins; on a tie the gentler coefficient (less risk to fluency).
+            best = max(ok, key=lambda c: (sign * (c.trait - base.trait), -abs(c.fraction)), default=None)
+        out[condition] = None if best is None or base is None else _numbers(best, base)
+    guard_text = (
+        f"judge coherence mean >= {guard.coherence_min:g} ({coherence_judge})"
+        if use_judge
+        else (
+            f"perplexity ratio <= {guard.ppl_ratio_max:g} x unsteered "
+            f"and repetition <= {guard.repetition_max:g}"
+        )
+    )
+    out["chosen_by"] = {
+        "trait": "read-back projection (unsteered re-read, no system prompt)",
+        "guard": guard_text,
+        "signal": "judge" if use_judge else "perplexity",
+    }
+    return out
+
+
+def steering_defaults(
+    lm: LoadedModel, vector: PersonaVector, norms: dict[int, float] | None = None
+) -> dict[str, Any]:
+    """Layer and coefficient to steer with when the user gives none.
+
+    The sweep's stored choice (``meta.extra["steering"]["amplify"]``) when present; else the recommended
+    layer (or the middle block) with a coefficient worth ``DEFAULT_STEER_FRACTION`` of its residual norm.
+
+    Args:
+        lm: The model (measures residual norms when needed).
+        vector: The vector.
+        norms: Residual norms already measured.
+
+    Returns:
+        ``{"layer", "coef", "fraction", "source"}``.
+    """
+    stored = (vector.meta.extra.get("steering") or {}).get("amplify")
+    if stored:
+        return {
+            "layer": int(stored["layer"]),
+            "coef": float(stored["coef"]),
+            "fraction": stored.get("coef_fraction_of_residual_norm"),
+            "source": "sweep choice in the vector file",
+        }
+    layer = readback_layer(vector)
+    norms = norms or residual_norms(lm, [layer])
+    coef = coef_for_fraction(vector, layer, DEFAULT_STEER_FRACTION, norms)
+    return {
+        "layer": layer,
+        "coef": coef,
+        "fraction": DEFAULT_STEER_FRACTION,
+        "source": f"recommended layer, {DEFAULT_STEER_FRACTION:g} of the residual norm",
+    }
+
+
+def with_choice(vector: PersonaVector, result: SweepResult) -> PersonaVector:
+    """The vector with the sweep's choice in ``meta.extra["steering"]``."""
+    steering = {
+        **result.choice,
+        "readback_layer": result.readback_layer,
+        "residual_norms": {str(k): v for k, v in result.residual_norms.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return vector.with_meta(extra={**vector.meta.extra, "steering": steering})
+
+
+def _mean(vals: Sequence[float | None]) -> float | None:
+    good = [float(v) for v in vals if v is not None and math.isfinite(v)]
+    return sum(good) / len(good) if good else None
+
+
+def sweep(
+    lm: LoadedModel,
+    vector: PersonaVector,
+    spec: TraitSpec,
+    *,
+    layers: Sequence[int] | None = None,
+    coefs: Sequence[float] | None = None,
+    store: JsonlStore,
+    trait_judge: Judge | None = None,
+    coherence_judge: Judge | None = None,
+    n_questions: int | None = None,
+    params: SamplingParams | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    quick: bool = False,
+    guard: Guard | None = None,
+    batch_size: int = 16,
+) -> SweepResult:
+    """Steer on the trait's evaluation questions over layers x coefficients and measure each cell.
+
+    Args:
+        lm: The model.
+        vector: The persona vector (must match the model).
+        spec: The trait (evaluation questions; ``pairs[0].positive`` for the suppression condition).
+        layers: Steering layers (default: :func:`default_layers`).
+        coefs: Positive coefficients in vector units, used at every layer, and their negatives for
+            suppression (default: per-layer coefficients worth :data:`DEFAULT_FRACTIONS` of the residual
+            norm, or :data:`QUICK_FRACTIONS` with ``quick``).
+        store: Cache; a repeated call with the same settings recomputes nothing.
+        trait_judge: Optional trait judge.
+        coherence_judge: Optional coherence judge; with real signal it sets the guard.
+        n_questions: Use the first questions only (``quick``: 5).
+        params: Sampling (default greedy, 64 tokens; ``quick``: 32 tokens).
+        on_progress: Called with the number of answers finished (cached ones included).
+        quick: The small preset: 2 layers x 3 coefficients x 5 questions, 32 tokens.
+        guard: Coherence thresholds.
+        batch_size: Prompts per generation / read-back batch.
+
+    Returns:
+        The :class:`SweepResult`.
+
+    Raises:
+        PersonavecError: On a vector/model mismatch, a bad layer or coefficient, or no questions.
+    """
+    vector.check_model(lm.info.n_blocks, lm.info.hidden_size, lm.info.id)
+    if vector.meta.model_fingerprint and vector.meta.model_fingerprint != lm.info.fingerprint:
+        log.warning(
+            "vector was made on %s (fingerprint %s), this model is %s (%s): same shape, maybe other weights",
+            vector.meta.model_id,
+            vector.meta.model_fingerprint,
+            lm.info.id,
+            lm.info.fingerprint,
+        )
+    params = params or SamplingParams(max_new_tokens=32 if quick else 64)
+    n_q = n_questions or (5 if quick else None)
+    questions = spec.evaluation_questions[:n_q] if n_q else list(spec.evaluation_questions)
+    if not questions:
+        raise PersonavecError(f"trait '{spec.name}' has no evaluation questions to sweep on")
+    steer_layers = check_layers(
+        default_layers(vector, quick=quick) if layers is None else layers,
+        lm.info.n_blocks,
+        allow_embeddings=False,
+    )
+    if coefs is not None and any(not math.isfinite(c) for c in coefs):
+        raise PersonavecError("coefficients must be finite numbers")
+    rb_layer = readback_layer(vector)
+    norms = residual_norms(lm, sorted({*steer_layers, rb_layer}))
+    vhash = vector_hash(vector)
+    warnings: list[str] = []
+
+    # The grid: per condition and layer, the coefficients to run.
+    grid: list[tuple[str, int, float, float]] = []  # condition, layer, coef, fraction
+    for layer in steer_layers:
+        if coefs is not None:
+            pos = sorted({abs(float(c)) for c in coefs if c != 0})
+            cs = [(c, fraction_of_norm(vector, layer, c, norms)) for c in pos]
+        else:
+            fr = QUICK_FRACTIONS if quick else DEFAULT_FRACTIONS
+            cs = [(coef_for_fraction(vector, layer, f, norms), f) for f in fr]
+        for c, f in cs:
+            grid.append(("amplify", layer, c, f))
+            grid.append(("suppress", layer, -c, -f))
+    system = {"amplify": None, "suppress": spec.pairs[0].positive}
+
+    def key(condition: str, layer: int, coef: float, question: str) -> str:
+        return record_key(
+            {
+                "model": lm.info.fingerprint,
+                "vector": vhash,
+                "readback_layer": rb_layer,
+                "system": system[condition],
+                "layer": layer,
+                "coef": round(coef, 10),
+                "question": question,
+                "sampling": asdict(params),
+            }
+        )
+
+    def run_cell(condition: str, layer: int, coef: float) -> list[dict[str, Any]]:
+        keys = [key(condition, layer, coef, q) for q in questions]
+        todo = [(k, q) for k, q in zip(keys, questions) if k not in store]
+        if on_progress is not None and len(todo) < len(keys):
+            on_progress(len(keys) - len(todo))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            sys_msg = system[condition]
+            convs = [
+                [
+                    *([{"role": "system", "content": sys_msg}] if sys_msg else []),
+                    {"role": "user", "content": q},
+                ]
+                for _k, q in chunk
+            ]
+            seeds = [int(k[:8], 16) for k, _q in chunk]
+            if layer == 0 or coef == 0:
+                answers = generate(lm, convs, params, seeds=seeds, batch_size=batch_size)
+            else:
+                with steer(lm, vector, layers=layer, coef=coef):
+                    answers = generate(lm, convs, params, seeds=seeds, batch_size=batch_size)
+            rb = read_back(lm, vector, [(q, a) for (_k, q), a in zip(chunk, answers)], rb_layer)
+            store.append(
+                [
+                    {
+                        "key": k,
+                        "type": "answer",
+                        "condition": condition,
+                        "layer": layer,
+                        "coef": coef,
+                        "question": q,
+                        "answer": a,
+                        "projection": rb.projection[j],
+                        "log_likelihood": rb.log_likelihood[j],
+                    }
+                    for j, ((k, q), a) in enumerate(zip(chunk, answers))
+                ]
+            )
+            if on_progress is not None:
+                on_progress(len(chunk))
+        rows = [store.get(k) or {} for k in keys]
+        for judge, kind in ((trait_judge, "trait"), (coherence_judge, "coherence")):
+            if judge is None:
+                continue
+            jkeys = [record_key({"answer": r["key"], "judge": judge.name, "kind": kind}) for r in rows]
+            need = [(jk, r) for jk, r in zip(jkeys, rows) if jk not in store]
+            scorable = [(jk, r) for jk, r in need if str(r["answer"]).strip()]
+            scores = (
+                judge.score([JudgeItem(r["question"], r["answer"]) for _jk, r in scorable])
+                if scorable
+                else []
+            )
+            got = {jk: s for (jk, _r), s in zip(scorable, scores)}
+            store.append(
+                [
+                    {"key": jk, "type": "score", "kind": kind, "judge": judge.name, "score": got.get(jk)}
+                    for jk, _ in need
+                ]
+            )
+            for r, jk in zip(rows, jkeys):
+                r[f"judge_{kind}"] = (store.get(jk) or {}).get("score")
+        return rows
+
+    def aggregate(
+        condition: str,
+        layer: int,
+        coef: float,
+        fraction: float,
+        rows: list[dict[str, Any]],
+        base_ll: float | None,
+    ) -> Cell:
+        lls = [
+            float(r["log_likelihood"])
+            for r in rows
+            if r["log_likelihood"] is not None and math.isfinite(r["log_likelihood"])
+        ]
+        mean_ll = sum(lls) / len(lls) if lls else math.nan
+        # exp(-mean_ll) / exp(-base_ll): pooled perplexity relative to the unsteered answers.
+        ratio = 1.0 if base_ll is None else (math.exp(base_ll - mean_ll) if lls else math.nan)
+        trait = _mean([r["projection"] for r in rows])
+        return Cell(
+            condition=condition,
+            layer=layer,
+            coef=coef,
+            fraction=fraction,
+            trait=math.nan if trait is None else trait,
+            ppl_ratio=ratio,
+            repetition=sum(repetition_share(str(r["answer"])) for r in rows) / len(rows),
+            judge_trait=_mean([r.get("judge_trait") for r in rows]),
+            judge_coherence=_mean([r.get("judge_coherence") for r in rows]),
+            n=len(rows),
+        )
+
+    baselines: dict[str, Cell] = {}
+    base_ll: dict[str, float] = {}
+    all_rows: dict[tuple[str, int, float], list[dict[str, Any]]] = {}
+    for condition in ("amplify", "suppress"):
+        rows = run_cell(condition, 0, 0.0)
+        all_rows[(condition, 0, 0.0)] = rows
+        lls = [
+            float(r["log_likelihood"])
+            for r in rows
+            if r["log_likelihood"] is not None and math.isfinite(r["log_likelihood"])
+        ]
+        base_ll[condition] = sum(lls) / len(lls) if lls else math.nan
+        baselines[condition] = replace(aggregate(condition, 0, 0.0, 0.0, rows, None), ppl_ratio=1.0)
+
+    cells: list[Cell] = []
+    for condition, layer, coef, fraction in grid:
+        if too_large(fraction):
+            msg = (
+                f"refused layer {layer} coef {coef:.3g}: it adds {abs(fraction):.1f}x the layer's "
+                "residual norm "
+                f"(steered norm could exceed {MAX_NORM_MULTIPLE:g}x usual)"
+            )
+            warnings.append(msg)
+            log.warning(msg)
+            cells.append(Cell(condition, layer, coef, fraction, math.nan, math.nan, refused=True))
+            continue
+        rows = run_cell(condition, layer, coef)
+        all_rows[(condition, layer, coef)] = rows
+        cells.append(aggregate(condition, layer, coef, fraction, rows, base_ll[condition]))
+
+    use_judge = judge_has_signal(coherence_judge)
+    if use_judge:
+        # A judge that gives every cell the same score (or none) cannot guard anything.
+        scored = [c.judge_coherence for c in [*cells, *baselines.values()] if c.judge_coherence is not None]
+        use_judge = len(scored) >= 2 and max(scored) - min(scored) > 1e-6
+    choice = choose(
+        cells,
+        baselines,
+        use_judge=use_judge,
+        guard=guard,
+        coherence_judge=coherence_judge.name if coherence_judge else None,
+    )
+    run = [c for c in [*baselines.values(), *cells] if not c.refused]
+    agreement = {
+        "readback_vs_judge_trait": spearman([c.trait for c in run], [c.judge_trait for c in run]),
+        "ppl_ratio_vs_judge_coherence": spearman(
+            [c.ppl_ratio for c in run], [c.judge_coherence for c in run]
+        ),
+    }
+    result = SweepResult(
+        cells=cells,
+        baselines=baselines,
+        readback_layer=rb_layer,
+        residual_norms=norms,
+        choice=choice,
+        agreement=agreement,
+        warnings=warnings,
+        settings={
+            "layers": steer_layers,
+            "coefs": list(coefs) if coefs is not None else None,
+            "fractions": list(QUICK_FRACTIONS if quick else DEFAULT_FRACTIONS) if coefs is None else None,
+            "questions": len(questions),
+            "sampling": asdict(params),
+            "suppress_system_prompt": spec.pairs[0].positive,
+            "trait_judge": trait_judge.name if trait_judge else None,
+            "coherence_judge": coherence_judge.name if coherence_judge else None,
+            "model": lm.info.id,
+            "model_fingerprint": lm.info.fingerprint,
+            "vector_hash": vhash,
+            "trait": spec.name,
+            "quick": quick,
+        },
+    )
+    result.examples = _examples(lm, vector, result, all_rows)
+    return result
+
+
+def _examples(
+    lm: LoadedModel,
+    vector: PersonaVector,
+    result: SweepResult,
+    all_rows: dict[tuple[str, int, float], list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """First question's answer at each coefficient of the chosen layer, with per-token projections."""
+    amp = result.choice.get("amplify")
+    layer = int(amp["layer"]) if amp else result.readback_layer
+    if layer not in {c.layer for c in result.cells}:
+        layer = result.cells[0].layer if result.cells else 0
+    picked: list[tuple[str, int, float, float, dict[str, Any]]] = []
+    for (condition, lay, coef), rows in all_rows.items():
+        if rows and (lay == 0 or lay == layer):
+            cell_frac = next(
+                (
+                    c.fraction
+                    for c in result.cells
+                    if (c.condition, c.layer, c.coef) == (condition, lay, coef)
+                ),
+                0.0,
+            )
+            picked.append((condition, lay, coef, cell_frac, rows[0]))
+    picked.sort(key=lambda p: (p[0], p[3]))
+    items = [(str(p[4]["question"]), str(p[4]["answer"])) for p in picked]
+    rb: ReadBack | None = read_back(lm, vector, items, result.readback_layer, tokens=True) if items else None
+    out = []
+    for j, (condition, lay, coef, frac, row) in enumerate(picked):
+        out.append(
+            {
+                "condition": condition,
+                "layer": lay,
+                "coef": coef,
+                "fraction": frac,
+                "question": row["question"],
+                "answer": row["answer"],
+                "projection": row["projection"],
+                "tokens": rb.tokens[j] if rb and rb.tokens else [],
+                "token_projection": rb.token_projection[j] if rb and rb.token_projection else [],
+            }
+        )
+    return out
