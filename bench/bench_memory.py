@@ -3,11 +3,17 @@
 Each measurement runs in its own process: load the model, warm up on 32 conversations (the first
 forward pass pages in the weights and fills the allocator, which is not what we measure), note the peak
 RSS, then capture all layers with ``response_mean`` over N short (~60 token) conversations and note the
-peak RSS again (``resource.getrusage(RUSAGE_SELF).ru_maxrss``):
+peak RSS again:
 
 * ``iter``: ``iter_activations``, keeping only a running sum of the pooled vectors;
 * ``capture``: ``capture_activations``, which keeps an ``[N, L + 1, d]`` float32 tensor
   (N x 31 x 576 x 4 bytes: 14 MB for N = 200, 143 MB for N = 2,000).
+
+Peak RSS is read two ways. ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` is, on Linux, carried over from
+the parent across fork/exec: a child of a 3 GB process reports at least 3 GB whatever it does, so the
+child also records the value it starts with (``inherited_mb``), and ``run_all.py`` runs this benchmark
+before it loads a model itself. ``VmHWM`` from ``/proc/self/status`` is the peak of the child's own
+address space only; it is the number the table reports.
 
 Run alone: ``python bench/bench_memory.py``.
 """
@@ -29,16 +35,23 @@ MODES = ("iter", "capture")
 
 CHILD = """
 import json, resource, sys, time
+
+def ru_maxrss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def vm_hwm_mb():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmHWM"].split()[0]) / 1024
+
+inherited = ru_maxrss_mb()
 import torch
 from common import conversation, load_lm
 from personavec.activations import capture_activations, iter_activations, response_mean
 
 mode, n = sys.argv[1], int(sys.argv[2])
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 lm = load_lm()
 capture_activations(lm, [conversation(i, 1 + i % 2) for i in range(32)], poolings=[response_mean])
-warm = peak_mb()
+warm = vm_hwm_mb()
 convs = [conversation(i, 1 + i % 2) for i in range(n)]
 start = time.perf_counter()
 if mode == "iter":
@@ -48,7 +61,10 @@ if mode == "iter":
 else:
     acts = capture_activations(lm, convs, poolings=[response_mean])
 seconds = time.perf_counter() - start
-print(json.dumps({"warm_peak_mb": warm, "peak_mb": peak_mb(), "seconds": seconds}))
+print(json.dumps({
+    "warm_peak_mb": warm, "peak_mb": vm_hwm_mb(), "ru_maxrss_mb": ru_maxrss_mb(),
+    "inherited_mb": inherited, "seconds": seconds,
+}))
 """
 
 

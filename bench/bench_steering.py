@@ -26,7 +26,8 @@ BATCH = 8
 NEW_TOKENS = 64
 LAYER = 15
 COEF = 2.0
-REPEATS = 3
+TARGET = 0.95  # steered tokens/s over unsteered
+REPEATS = 5  # generation is short and its wall time swings most on a shared machine
 PROMPTS = (  # open-ended, so that answers run past 64 tokens
     "Describe, in detail, how to plan a week-long road trip across a large country.",
     "Write a long story about a lighthouse keeper and a lost cat.",
@@ -102,20 +103,18 @@ def run(lm: Any, repeats: int = REPEATS) -> dict[str, Any]:
     steps = counter.steps
     tps = {name: BATCH * steps[name] / t.median for name, t in timings.items()}
     cpu_tps = {name: BATCH * steps[name] / t.cpu_median for name, t in timings.items()}
-    ratios = {f"{mode}: steered / plain": tps[f"{mode}_steered"] / tps[f"{mode}_plain"] for mode in PARAMS}
-    cpu_ratios = {
-        f"{mode}: steered / plain": cpu_tps[f"{mode}_steered"] / cpu_tps[f"{mode}_plain"] for mode in PARAMS
-    }
+    ratios = {mode: tps[f"{mode}_steered"] / tps[f"{mode}_plain"] for mode in PARAMS}
+    cpu_ratios = {mode: cpu_tps[f"{mode}_steered"] / cpu_tps[f"{mode}_plain"] for mode in PARAMS}
     return {
         "steps": steps,
         "seconds": {name: t.seconds for name, t in timings.items()},
         "cpu_seconds": {name: t.cpu_seconds for name, t in timings.items()},
         "tokens_per_s": tps,
-        "ratios": ratios,
-        "cpu_time_ratios": cpu_ratios,
-        "targets": {
-            f"{mode} steered >= 95% of plain": ratios[f"{mode}: steered / plain"] >= 0.95 for mode in PARAMS
-        },
+        "cpu_tokens_per_s": cpu_tps,
+        "steered_over_plain": ratios,
+        "cpu_steered_over_plain": cpu_ratios,
+        "targets": {mode: ratios[mode] >= TARGET for mode in PARAMS},
+        "cpu_targets": {mode: cpu_ratios[mode] >= TARGET for mode in PARAMS},
     }
 
 

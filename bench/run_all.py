@@ -4,12 +4,12 @@ Usage (from the repository root, with the venv active)::
 
     HF_HUB_OFFLINE=1 python bench/run_all.py
 
-``--repeats`` changes the number of timed rounds (default 3), ``--memory-sizes`` the conversation counts of
-the memory benchmark (default 200 2000), ``--threads`` the number of torch intra-op threads here and in
-the child processes (default: torch's default, one per core). On a machine shared with other busy
-processes use ``--threads 1``: two OpenMP threads that keep waiting for each other at barriers while one
-of them is descheduled made the same work take 2-15x longer, run to run. The table is also
-written to ``bench/results/core.md``.
+``--repeats`` changes the number of timed rounds (default 3, 5 for steering), ``--memory-sizes`` the
+conversation counts of the memory benchmark (default 200 2000), ``--threads`` the number of torch
+intra-op threads here and in the child processes (default: torch's default, one per core). On a machine
+shared with other busy processes use ``--threads 1``: two OpenMP threads that keep waiting for each
+other at barriers while one of them is descheduled made the same work take 2-15x longer, run to run.
+The tables are also written to ``bench/results/core.md``.
 """
 
 from __future__ import annotations
@@ -47,124 +47,124 @@ def timed_section(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]
     return result
 
 
-def yes(ok: bool) -> str:
+def pct(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def status(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def capture_rows(r: dict[str, Any]) -> list[list[str]]:
-    tps, ratio, ok = r["tokens_per_s"], r["ratios"], r["targets"]
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+    ]
+
+
+CAPTURE_VARIANTS = {
+    "lm_naive": "(a) full LM with head, 1 batch of 32 padded to the longest",
+    "backbone_naive": "(b) backbone only, 1 batch of 32 padded to the longest: **baseline**",
+    "backbone_bucketed": "(b') backbone only, sorted by length, batches of 8",
+    "paper_loop": "(c) paper: 1 example at a time, full LM, output_hidden_states",
+    "capture_all": "(d) capture_activations, all layers, response_mean",
+    "capture_all_3pool": "(d') capture_activations, all layers, 3 default poolings",
+    "capture_l20": "(e) capture_activations, layers=[20]",
+    "capture_all_bs8": "(d'') capture_activations, all layers, response_mean, batch_size=8",
+    "capture_l20_bs8": "(e') capture_activations, layers=[20], batch_size=8",
+}
+
+
+def capture_section(r: dict[str, Any]) -> list[str]:
     d = r["data"]
-    pad = f"{d['padded_tokens_naive']} padded / {d['real_tokens']} real tokens"
-    pad_b = f"{d['padded_tokens_bucketed']} padded / {d['real_tokens']} real tokens"
-    rows = [
-        ("lm_naive", "full LM with head, 1 batch of 32 (naive padding)", pad, "", ""),
-        ("backbone_naive", "backbone only, 1 batch of 32 (naive padding): **baseline**", pad, "", ""),
-        ("backbone_bucketed", "backbone only, sorted, batches of 8", pad_b, "", ""),
-        ("paper_loop", "paper: 1 example at a time, full LM, output_hidden_states", "no padding", "", ""),
-        (
-            "capture_all",
-            "capture_activations, all layers, response_mean",
-            f"{ratio['capture_all / backbone_naive']:.0%} of baseline, "
-            f"{ratio['capture_all / backbone_bucketed']:.0%} of bucketed, "
-            f"{ratio['capture_all / paper_loop']:.2f}x paper",
-            ">= 95% of baseline; >= 1.5x paper",
-            f"{yes(ok['capture_all >= 95% of backbone_naive'])}; {yes(ok['capture_all >= 1.5x paper_loop'])}",
-        ),
-        (
-            "capture_all_3pool",
-            "capture_activations, all layers, 3 default poolings",
-            f"{ratio['capture_all_3pool / backbone_naive']:.0%} of baseline",
-            "",
-            "",
-        ),
-        (
-            "capture_l20",
-            "capture_activations, layers=[20] (stops after block 20)",
-            f"{ratio['capture_l20 / paper_loop']:.2f}x paper",
-            ">= 2.4x paper",
-            yes(ok["capture_l20 >= 2.4x paper_loop"]),
-        ),
-        (
-            "capture_all_bs8",
-            "capture_activations, all layers, response_mean, batch_size=8",
-            f"{ratio['capture_all_bs8 / backbone_naive']:.0%} of baseline, "
-            f"{ratio['capture_all_bs8 / backbone_bucketed']:.0%} of bucketed",
-            "",
-            "",
-        ),
-        (
-            "capture_l20_bs8",
-            "capture_activations, layers=[20], batch_size=8",
-            f"{ratio['capture_l20_bs8 / paper_loop']:.2f}x paper",
-            "",
-            "",
-        ),
+    wall, cpu = r["tokens_per_s"], r["cpu_tokens_per_s"]
+
+    def vs(name: str, ref: str) -> str:
+        return f"{pct(wall[name] / wall[ref])} / {pct(cpu[name] / cpu[ref])}"
+
+    throughput = [
+        [desc, f"{wall[k]:,.0f}", f"{cpu[k]:,.0f}", vs(k, "backbone_naive"), vs(k, "paper_loop")]
+        for k, desc in CAPTURE_VARIANTS.items()
     ]
+    targets = []
+    for (a, b), x in bench_capture.TARGETS.items():
+        key = f"{a} / {b}"
+        targets.append(
+            [
+                f"{a} >= {pct(x)} of {b}",
+                f"{pct(r['ratios'][key])} / {pct(r['cpu_ratios'][key])}",
+                f"{status(r['targets'][f'{key} >= {x}'])} / {status(r['cpu_targets'][f'{key} >= {x}'])}",
+            ]
+        )
     return [
-        ["Capture", desc, f"{tps[key]:,.0f} tok/s", note, target, status]
-        for key, desc, note, target, status in rows
+        f"**Activation capture**: {d['conversations']} conversations of {d['min_tokens']}..{d['max_tokens']} "
+        f"tokens, {d['real_tokens']:,} real tokens ({d['padded_tokens_naive']:,} when padded to the longest, "
+        f"{d['padded_tokens_bucketed']:,} in sorted batches of 8). Tokens/s are real tokens over the median "
+        f"wall time and over the median process CPU time.",
+        "",
+        *table(
+            ["Variant", "tok/s (wall)", "tok/s (CPU)", "vs (b), wall / CPU", "vs (c), wall / CPU"], throughput
+        ),
+        *table(["Target", "Ratio, wall / CPU", "Status, wall / CPU"], targets),
     ]
 
 
-def steering_rows(r: dict[str, Any]) -> list[list[str]]:
-    tps, ratio, ok = r["tokens_per_s"], r["ratios"], r["targets"]
+def steering_section(r: dict[str, Any]) -> list[str]:
+    wall, cpu = r["tokens_per_s"], r["cpu_tokens_per_s"]
     rows = []
-    for mode in ("greedy", "sampled"):
-        steps = r["steps"][f"{mode}_plain"]
+    for mode in r["targets"]:
+        plain, steered = f"{mode}_plain", f"{mode}_steered"
         rows.append(
             [
-                "Steering",
-                f"{mode}, unsteered (batch 8, {steps} steps)",
-                f"{tps[f'{mode}_plain']:,.0f} tok/s",
-                "",
-                "",
-                "",
+                f"{mode} ({r['steps'][plain]} / {r['steps'][steered]} steps)",
+                f"{wall[plain]:,.1f} / {cpu[plain]:,.1f}",
+                f"{wall[steered]:,.1f} / {cpu[steered]:,.1f}",
+                f"{pct(r['steered_over_plain'][mode])} / {pct(r['cpu_steered_over_plain'][mode])}",
+                f"{status(r['targets'][mode])} / {status(r['cpu_targets'][mode])}",
             ]
         )
-        rows.append(
-            [
-                "Steering",
-                f"{mode}, steer(layers=15, coef=2.0)",
-                f"{tps[f'{mode}_steered']:,.0f} tok/s",
-                f"{ratio[f'{mode}: steered / plain']:.0%} of unsteered",
-                ">= 95%",
-                yes(ok[f"{mode} steered >= 95% of plain"]),
-            ]
-        )
-    return rows
-
-
-def load_rows(r: dict[str, Any]) -> list[list[str]]:
-    s = r["summary"]
     return [
-        [
-            "Load",
-            "first load, fresh cache (new process, incl. GGUF conversion)",
-            f"{s['first_process_s']:.1f} s",
-            f"load_model() {s['first_load_s']:.1f} s",
-            "",
-            "",
-        ],
-        [
-            "Load",
-            "cached load (new process)",
-            f"{s['cached_process_s']:.1f} s",
-            f"imports {s['import_s']:.1f} s",
-            "",
-            "",
-        ],
-        [
-            "Load",
-            "load_model() in-process, cached, imports excluded",
-            f"{s['cached_load_s']:.2f} s",
-            f"{s['cached_load_warm_median_s']:.2f} s when repeated",
-            "",
-            "",
-        ],
+        f"**Steered generation**: batch {bench_steering.BATCH}, {bench_steering.NEW_TOKENS} new tokens, "
+        f"steer(layers={bench_steering.LAYER}, coef={bench_steering.COEF}) with the demo vector; target: "
+        f"steered >= {pct(bench_steering.TARGET)} of unsteered tokens/s.",
+        "",
+        *table(
+            [
+                "Sampling",
+                "Unsteered tok/s, wall / CPU",
+                "Steered tok/s, wall / CPU",
+                "Ratio, wall / CPU",
+                "Status, wall / CPU",
+            ],
+            rows,
+        ),
     ]
 
 
-def memory_rows(r: dict[str, Any]) -> list[list[str]]:
+def load_section(r: dict[str, Any]) -> list[str]:
+    s = r["summary"]
+    rows = [
+        [
+            "First load, fresh cache, new process (GGUF conversion)",
+            f"{s['first_process_s']:.1f} s",
+            f"{s['first_load_s']:.1f} s",
+        ],
+        [
+            "Cached load, new process",
+            f"{s['cached_process_s']:.1f} s",
+            f"{s['cached_load_s']:.2f} s ({s['cached_load_warm_median_s']:.2f} s when repeated in-process)",
+        ],
+    ]
+    return [
+        f"**Embedded model load** (imports alone: {s['import_s']:.1f} s):",
+        "",
+        *table(["Load", "Whole process", "load_model() only, imports excluded"], rows),
+    ]
+
+
+def memory_section(r: dict[str, Any]) -> list[str]:
     runs = r["runs"]
     sizes = sorted({int(k.split("_")[1]) for k in runs})
     rows = []
@@ -174,55 +174,66 @@ def memory_rows(r: dict[str, Any]) -> list[list[str]]:
         flat = growth <= FLAT_FRACTION * small["peak_mb"]
         rows.append(
             [
-                "Memory",
-                f"{desc}, N={sizes[0]} -> N={sizes[-1]}, peak RSS",
-                f"{small['peak_mb']:,.0f} -> {large['peak_mb']:,.0f} MB",
-                f"{growth:+,.0f} MB (peak after warm-up: {small['warm_peak_mb']:,.0f} / "
-                f"{large['warm_peak_mb']:,.0f} MB; {large['seconds']:.0f} s for N={sizes[-1]})",
-                "flat (< 5%)" if mode == "iter" else "O(N), small",
-                yes(flat) if mode == "iter" else ("flat" if flat else "grows"),
+                desc,
+                f"{small['warm_peak_mb']:,.0f} / {large['warm_peak_mb']:,.0f}",
+                f"{small['peak_mb']:,.0f} -> {large['peak_mb']:,.0f} ({growth:+,.0f})",
+                f"{small['ru_maxrss_mb']:,.0f} -> {large['ru_maxrss_mb']:,.0f}",
+                f"{large['seconds']:.0f} s",
+                (status(flat) if mode == "iter" else ("flat" if flat else "grows")),
             ]
         )
-    return rows
+    return [
+        f"**Peak memory**, all layers, response_mean, ~60-token conversations, one process per run "
+        f"(MB; target for streaming: flat, i.e. growth < {FLAT_FRACTION:.0%}):",
+        "",
+        *table(
+            [
+                "Capture",
+                "Peak after warm-up",
+                f"Peak (VmHWM), N={sizes[0]} -> {sizes[-1]}",
+                "ru_maxrss",
+                f"Time for N={sizes[-1]}",
+                "Status",
+            ],
+            rows,
+        ),
+    ]
 
 
 def markdown(results: dict[str, Any]) -> str:
-    header = ["Benchmark", "Measure", "Result", "Notes", "Target", "Status"]
-    rows = (
-        capture_rows(results["capture"])
-        + steering_rows(results["steering"])
-        + load_rows(results["load"])
-        + memory_rows(results["memory"])
-    )
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
     meta = results["meta"]
-    return "\n".join(
-        [
-            f"Command: `{meta['command']}`  ",
-            f"Date: {meta['date']}; machine: {meta['machine']}; {meta['torch_threads']} torch thread(s); "
-            f"torch {meta['torch']}, "
-            f"transformers {meta['transformers']}; medians of {meta['repeats']} interleaved rounds; "
-            f"total {meta['wall_s'] / 60:.1f} min; 1-min load average "
-            f"{meta['loadavg_1min']['before']:.1f} before, {meta['loadavg_1min']['after']:.1f} after.",
-            "",
-            *lines,
-        ]
+    load = meta["loadavg_1min"]
+    header = [
+        f"Command: `{meta['command']}`  ",
+        f"Date: {meta['date']}; {meta['machine']}; {meta['torch_threads']} torch thread(s); torch "
+        f"{meta['torch']}, transformers {meta['transformers']}; total {meta['wall_s'] / 60:.1f} min; 1-min "
+        f"load average {load['before']:.1f} before, {load['after']:.1f} after "
+        f"(other processes share the cores). Medians of interleaved rounds after a warm-up.",
+        "",
+    ]
+    sections = (
+        capture_section(results["capture"])
+        + steering_section(results["steering"])
+        + load_section(results["load"])
+        + memory_section(results["memory"])
     )
+    return "\n".join(header + sections).rstrip() + "\n"
 
 
-def in_process(repeats: int) -> dict[str, Any]:
+def in_process(repeats: int | None) -> dict[str, Any]:
     """The benchmarks that share one model loaded in this process."""
     lm = load_lm()
+    capture_repeats = repeats or bench_capture.REPEATS
+    steering_repeats = repeats or bench_steering.REPEATS
     return {
-        "capture": timed_section("capture", lambda: bench_capture.run(lm, repeats)),
-        "steering": timed_section("steering", lambda: bench_steering.run(lm, repeats)),
+        "capture": timed_section("capture", lambda: bench_capture.run(lm, capture_repeats)),
+        "steering": timed_section("steering", lambda: bench_steering.run(lm, steering_repeats)),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 3, steering 5)")
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=list(bench_memory.SIZES))
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
@@ -232,27 +243,29 @@ def main() -> None:
 
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     results: dict[str, Any] = {}
-    # Load first: it times a fresh conversion in a child process before this process holds a model.
+    # The child-process benchmarks first, while this process is small: load times a fresh conversion, and
+    # a child's ru_maxrss starts at its parent's peak (see bench_memory.py).
     results["load"] = timed_section("load", bench_load.run)
-    results.update(in_process(args.repeats))
     results["memory"] = timed_section("memory", lambda: bench_memory.run(tuple(args.memory_sizes)))
+    results.update(in_process(args.repeats))
     results["meta"] = {
         "command": "HF_HUB_OFFLINE=1 python bench/run_all.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} CPU cores, no GPU ({platform.processor() or platform.machine()})",
+        "machine": f"{os.cpu_count()} CPU cores, no GPU",
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
         "repeats": args.repeats,
         "wall_s": time.perf_counter() - start,
         "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "core.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (RESULTS / "core.md").write_text(table + "\n")
-    print(table)
+    text = markdown(results)
+    (RESULTS / "core.md").write_text(text)
+    print(text, end="")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 REPORT_NAME = "report.html"
 SWEEP_NAME = "sweep.json"
+MONITORING_NAME = "monitor_experiment.json"
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
@@ -215,6 +216,68 @@ def _heldout_examples(
     ]
 
 
+def _monitoring_section(result: dict[str, Any], folder: Path) -> list[str]:
+    """The Monitoring section: r values, level means and the plots of ``monitor-experiment``."""
+    from personavec.monitor_experiment import plot_results
+
+    parts = ["<h2 id='monitoring'>Monitoring</h2>"]
+    parts.append(
+        f"<p>Last-prompt-token projection at layer {_esc(result.get('layer'))} against the trait shown in "
+        f"the answer, measured by {_esc(result.get('measure'))}. Pearson r across samples and across "
+        "level means, and across samples with each question's mean removed (the question alone moves both "
+        "numbers). The paper reports r = 0.75-0.83 for graded system prompts.</p>"
+    )
+    rows = []
+    for name in ("ladder", "many_shot"):
+        for measure, r in (result.get(name) or {}).get("r", {}).items():
+            rows.append(
+                [
+                    _esc(name.replace("_", "-")),
+                    _esc(measure),
+                    _fmt(r["samples"], 2),
+                    _fmt(r["levels"], 2),
+                    _fmt(r.get("within_questions"), 2),
+                ]
+            )
+    parts.append(
+        _table(["experiment", "measure", "r (samples)", "r (level means)", "r (within questions)"], rows)
+    )
+    try:
+        paths = plot_results(result, folder)
+    except Exception as e:  # a broken plot must not cost the rest of the report
+        parts.append(f"<p class='muted'>plots not drawn: {_esc(e)}</p>")
+        paths = {}
+    for name, path in paths.items():
+        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(f"<img alt='monitoring: {_esc(name)}' src='{uri}'>")
+    for name in ("ladder", "many_shot"):
+        block = result.get(name)
+        if not block:
+            continue
+        has_judge = any("mean_judge" in lv for lv in block["levels"])
+        header = [
+            "level",
+            "prompt" if name == "ladder" else "shots",
+            "n",
+            "mean projection",
+            "mean read-back",
+        ]
+        level_rows = []
+        for lv in block["levels"]:
+            row = [
+                str(lv["level"]),
+                _esc(lv["label"]),
+                str(lv["n"]),
+                _fmt(lv["mean_projection"]),
+                _fmt(lv["mean_readback"]),
+            ]
+            if has_judge:
+                row.append(_fmt(lv.get("mean_judge"), 1))
+            level_rows.append(row)
+        parts.append(_table(header + (["mean judge"] if has_judge else []), level_rows))
+    return parts
+
+
 def write_report(
     run_dir: str | os.PathLike[str],
     *,
@@ -334,6 +397,11 @@ def write_report(
         parts.append(_table(header, rows, classes))
     else:
         parts.append("<p class='muted'>no per-layer evaluation.</p>")
+
+    # -- monitoring experiment ----------------------------------------------------------------------
+    monitoring = _read_json(folder / MONITORING_NAME)
+    if monitoring:
+        parts.extend(_monitoring_section(monitoring, folder))
 
     # -- sweep --------------------------------------------------------------------------------------
     parts.append("<h2 id='dose-response'>Dose-response</h2>")
