@@ -214,6 +214,7 @@ def test_run_extraction_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
         and saved.meta.extra["recommended_layer"] == s["recommended_layer"]
     )
     assert saved.meta.n_positive == s["counts"]["kept_pos"]
+    assert str(s["recommended_layer"]) in saved.meta.extra["calibration"]["layers"]
     for name in (
         "vector_prompt_mean.safetensors",
         "vector_last_prompt.safetensors",

@@ -113,19 +113,31 @@ class _StopForward(Exception):
     """Raised by the deepest hook so the remaining blocks (and the LM head) never run."""
 
 
-def _batches(lengths: Sequence[int], batch_size: int, token_budget: int) -> list[list[int]]:
+def length_batches(
+    lengths: Sequence[int], batch_size: int, token_budget: int, max_padding: float = 0.2
+) -> list[list[int]]:
+    """Group example indices into batches of similar length.
+
+    Longest first; an example joins the current batch only while the batch stays within ``batch_size``
+    examples and ``token_budget`` padded tokens, and padding stays under ``max_padding`` of the padded
+    tokens (one wide batch of mixed lengths wastes more compute than several narrow ones).
+    """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
+    real = 0
     for i in order:
-        # Longest first, so the batch's first item fixes its padded length.
-        if (
-            batches
-            and len(batches[-1]) < batch_size
-            and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= token_budget
-        ):
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+        if batches:
+            width, n = lengths[batches[-1][0]], len(batches[-1]) + 1
+            if (
+                n <= batch_size
+                and n * width <= token_budget
+                and real + lengths[i] >= (1 - max_padding) * n * width
+            ):
+                batches[-1].append(i)
+                real += lengths[i]
+                continue
+        batches.append([i])
+        real = lengths[i]
     return batches
 
 
@@ -210,7 +222,7 @@ def iter_activations(
     pad_id = int(lm.tokenizer.pad_token_id)
     names = [p.__name__ for p in poolings]
 
-    for batch in _batches([len(e.ids) for e in encoded], batch_size, token_budget):
+    for batch in length_batches([len(e.ids) for e in encoded], batch_size, token_budget):
         ids, layout, positions = pad_batch([encoded[i] for i in batch], pad_id, padding_side, lm.device)
         pooled, hidden = _forward_batch(lm, ids, layout, positions, wanted, poolings, keep_tokens=tokens)
         for row, idx in enumerate(batch):

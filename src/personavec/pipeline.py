@@ -26,6 +26,7 @@ from personavec.extraction import evaluate_layers, extract_vector, finite_or_low
 from personavec.filtering import Thresholds, filter_responses
 from personavec.generation import ResponseRow, SamplingParams, generate_responses
 from personavec.models import LoadedModel
+from personavec.monitoring import calibrate
 from personavec.store import JsonlStore
 from personavec.traits.spec import TraitSpec
 from personavec.vectors import PersonaVector
@@ -270,6 +271,10 @@ def run_extraction(
             "best_layer_for_this_pooling": ev.best_layer,
         }
         vectors[pooling] = vector.with_meta(extra={**vector.meta.extra, **best})
+        if pooling == "response_mean":
+            # Monitoring reports z-scores and percentiles against neutral prompts; measuring them now
+            # costs one forward pass over the built-in neutral prompts.
+            vectors[pooling] = calibrate(lm, vectors[pooling], batch_size=cfg.batch_size)
         vectors[pooling].save(out / name)
         files[pooling] = name
     summary = {

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from personavec.activations import BatchLayout, _batches, _first_tensor, pad_batch, response_mean
+from personavec.activations import BatchLayout, _first_tensor, length_batches, pad_batch, response_mean
 from personavec.conversations import Encoded, encode
 from personavec.errors import PersonavecError
 from personavec.layers import check_layers
@@ -129,7 +129,7 @@ def read_back(
             idx.append(i)
             encoded.append(enc)
     pad_id = int(lm.tokenizer.pad_token_id)
-    for batch in _batches([len(e.ids) for e in encoded], batch_size, token_budget):
+    for batch in length_batches([len(e.ids) for e in encoded], batch_size, token_budget):
         encs = [encoded[b] for b in batch]
         ids, layout, positions = pad_batch(encs, pad_id, "right", lm.device)
         # Only logits from the earliest answer's first prediction on are needed; skipping the rest keeps

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from personavec.activations import pad_batch
+from personavec.activations import length_batches, pad_batch
 from personavec.conversations import Encoded, encode
 from personavec.judging.base import JudgeItem
 from personavec.models import LoadedModel
@@ -99,18 +99,6 @@ def repetition_share(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
-def _batches(lengths: Sequence[int], batch_size: int, token_budget: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, each within ``token_budget`` padded tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out: list[list[int]] = []
-    for i in order:
-        if out and len(out[-1]) < batch_size and (len(out[-1]) + 1) * lengths[out[-1][0]] <= token_budget:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
-
-
 def _logistic(x: float) -> float:
     """100 * sigmoid(x), without overflow for large |x|."""
     if x >= 0:
@@ -181,7 +169,7 @@ class PerplexityCoherence:
         encoded = [self._encode(items[i]) for i in idx]
         keep = [k for k, e in enumerate(encoded) if e.response_len > 0]
         pad_id = int(self.lm.tokenizer.pad_token_id)
-        for batch in _batches([len(encoded[k].ids) for k in keep], self.batch_size, self.token_budget):
+        for batch in length_batches([len(encoded[k].ids) for k in keep], self.batch_size, self.token_budget):
             encs = [encoded[keep[b]] for b in batch]
             means = self._batch_means(encs, pad_id)
             for b, m in zip(batch, means):
