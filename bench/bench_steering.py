@@ -2,8 +2,9 @@
 
 One batch of 8 prompts, 64 new tokens, one steered layer (15, coef 2.0, the demo vector), greedy and
 sampled. Throughput counts the tokens the model computed: batch x decoding steps, where the steps are
-counted during the timed calls by a pre-hook on the model (one Python call per step, in both variants),
-so an early end of sequence in one variant cannot make it look faster.
+counted during the timed calls by a pre-hook on the model (one Python call per step, in both variants);
+the prompts ask for long answers so that every variant runs all 64 steps. The steered/unsteered ratio is
+the median over rounds of the paired time ratio (see ``common.paired_speedup``).
 
 Run alone: ``python bench/bench_steering.py``.
 """
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from common import load_lm, log, time_interleaved
+from common import load_lm, log, paired_speedup, time_interleaved
 
 from personavec.demo import demo_vector
 from personavec.generation import SamplingParams, generate
@@ -103,8 +104,14 @@ def run(lm: Any, repeats: int = REPEATS) -> dict[str, Any]:
     steps = counter.steps
     tps = {name: BATCH * steps[name] / t.median for name, t in timings.items()}
     cpu_tps = {name: BATCH * steps[name] / t.cpu_median for name, t in timings.items()}
-    ratios = {mode: tps[f"{mode}_steered"] / tps[f"{mode}_plain"] for mode in PARAMS}
-    cpu_ratios = {mode: cpu_tps[f"{mode}_steered"] / cpu_tps[f"{mode}_plain"] for mode in PARAMS}
+
+    def ratio(mode: str, cpu: bool) -> float:
+        # Steered over unsteered tokens/s: paired time ratio, corrected should the step counts differ.
+        plain, steered = f"{mode}_plain", f"{mode}_steered"
+        return paired_speedup(timings[steered], timings[plain], cpu=cpu) * steps[steered] / steps[plain]
+
+    ratios = {mode: ratio(mode, cpu=False) for mode in PARAMS}
+    cpu_ratios = {mode: ratio(mode, cpu=True) for mode in PARAMS}
     return {
         "steps": steps,
         "seconds": {name: t.seconds for name, t in timings.items()},

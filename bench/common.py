@@ -136,6 +136,15 @@ def time_interleaved(
     return timings
 
 
+def paired_speedup(fast: Timing, slow: Timing, *, cpu: bool = False) -> float:
+    """How many times faster ``fast`` ran than ``slow`` on the same work: the median over rounds of
+    ``slow_i / fast_i``. Both ran back to back in each round, so a busy spell on a shared machine
+    mostly cancels out instead of tilting whichever median it happened to hit.
+    """
+    a, b = (fast.cpu_seconds, slow.cpu_seconds) if cpu else (fast.seconds, slow.seconds)
+    return statistics.median(y / x for x, y in zip(a, b, strict=True))
+
+
 def log(message: str) -> None:
     """Progress line on stderr-like stdout, flushed so long runs show where they are."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)

@@ -15,6 +15,7 @@ The tables are also written to ``bench/results/core.md``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -30,9 +31,12 @@ import bench_memory
 import bench_steering
 import torch
 import transformers
-from common import load_lm, log
+from common import Timing, load_lm, log, paired_speedup
+
+import personavec
 
 RESULTS = Path(__file__).parent / "results"
+SOURCES = ("activations.py", "conversations.py", "generation.py", "models.py", "steering.py")
 FLAT_FRACTION = 0.05  # "flat": peak RSS grows by less than 5% of the smaller run's peak
 
 
@@ -68,12 +72,11 @@ CAPTURE_VARIANTS = {
     "lm_naive": "(a) full LM with head, 1 batch of 32 padded to the longest",
     "backbone_naive": "(b) backbone only, 1 batch of 32 padded to the longest: **baseline**",
     "backbone_bucketed": "(b') backbone only, sorted by length, batches of 8",
+    "backbone_same_batches": "(b'') backbone only, on the batches capture forms (no hooks)",
     "paper_loop": "(c) paper: 1 example at a time, full LM, output_hidden_states",
     "capture_all": "(d) capture_activations, all layers, response_mean",
     "capture_all_3pool": "(d') capture_activations, all layers, 3 default poolings",
     "capture_l20": "(e) capture_activations, layers=[20]",
-    "capture_all_bs8": "(d'') capture_activations, all layers, response_mean, batch_size=8",
-    "capture_l20_bs8": "(e') capture_activations, layers=[20], batch_size=8",
 }
 
 
@@ -82,7 +85,10 @@ def capture_section(r: dict[str, Any]) -> list[str]:
     wall, cpu = r["tokens_per_s"], r["cpu_tokens_per_s"]
 
     def vs(name: str, ref: str) -> str:
-        return f"{pct(wall[name] / wall[ref])} / {pct(cpu[name] / cpu[ref])}"
+        # The same paired-rounds ratio as bench_capture's targets (common.paired_speedup).
+        fast = Timing(name, r["seconds"][name], r["cpu_seconds"][name])
+        slow = Timing(ref, r["seconds"][ref], r["cpu_seconds"][ref])
+        return f"{pct(paired_speedup(fast, slow))} / {pct(paired_speedup(fast, slow, cpu=True))}"
 
     throughput = [
         [desc, f"{wall[k]:,.0f}", f"{cpu[k]:,.0f}", vs(k, "backbone_naive"), vs(k, "paper_loop")]
@@ -100,9 +106,12 @@ def capture_section(r: dict[str, Any]) -> list[str]:
         )
     return [
         f"**Activation capture**: {d['conversations']} conversations of {d['min_tokens']}..{d['max_tokens']} "
-        f"tokens, {d['real_tokens']:,} real tokens ({d['padded_tokens_naive']:,} when padded to the longest, "
-        f"{d['padded_tokens_bucketed']:,} in sorted batches of 8). Tokens/s are real tokens over the median "
-        f"wall time and over the median process CPU time.",
+        f"tokens, {d['real_tokens']:,} real tokens; computed with padding: {d['padded_tokens_naive']:,} in "
+        f"one batch, {d['padded_tokens_bucketed']:,} in sorted batches of 8, {d['padded_tokens_capture']:,} "
+        f"in capture's own {len(d['capture_batch_shapes'])} batches "
+        f"({', '.join('x'.join(map(str, b)) for b in d['capture_batch_shapes'])}). Tokenising the "
+        f"{d['conversations']} conversations (inside capture's timings) takes {d['encode_s'] * 1000:.0f} ms. "
+        f"Tokens/s are real tokens over the median wall time and over the median process CPU time.",
         "",
         *table(
             ["Variant", "tok/s (wall)", "tok/s (CPU)", "vs (b), wall / CPU", "vs (c), wall / CPU"], throughput
@@ -170,28 +179,28 @@ def memory_section(r: dict[str, Any]) -> list[str]:
     rows = []
     for mode, desc in (("iter", "iter_activations, running sum"), ("capture", "capture_activations")):
         small, large = runs[f"{mode}_{sizes[0]}"], runs[f"{mode}_{sizes[-1]}"]
-        growth = large["peak_mb"] - small["peak_mb"]
-        flat = growth <= FLAT_FRACTION * small["peak_mb"]
+        # Growth within the largest run, from its first tenth to its end (see bench_memory.py for why).
+        growth = large["peak_mb"] - large["early_peak_mb"]
+        flat = growth <= FLAT_FRACTION * large["early_peak_mb"]
         rows.append(
             [
                 desc,
-                f"{small['warm_peak_mb']:,.0f} / {large['warm_peak_mb']:,.0f}",
-                f"{small['peak_mb']:,.0f} -> {large['peak_mb']:,.0f} ({growth:+,.0f})",
-                f"{small['ru_maxrss_mb']:,.0f} -> {large['ru_maxrss_mb']:,.0f}",
+                f"{small['peak_mb']:,.0f} / {large['peak_mb']:,.0f}",
+                f"{large['early_peak_mb']:,.0f} -> {large['peak_mb']:,.0f} ({growth:+,.0f})",
                 f"{large['seconds']:.0f} s",
                 (status(flat) if mode == "iter" else ("flat" if flat else "grows")),
             ]
         )
     return [
-        f"**Peak memory**, all layers, response_mean, ~60-token conversations, one process per run "
-        f"(MB; target for streaming: flat, i.e. growth < {FLAT_FRACTION:.0%}):",
+        f"**Peak memory** (VmHWM, MB), all layers, response_mean, ~60-token conversations, one process per "
+        f"run; target for streaming: flat, i.e. the peak grows by < {FLAT_FRACTION:.0%} from the first tenth "
+        f"of N={sizes[-1]} to its end (capture_activations keeps its [N, L+1, d] result, so it grows):",
         "",
         *table(
             [
                 "Capture",
-                "Peak after warm-up",
-                f"Peak (VmHWM), N={sizes[0]} -> {sizes[-1]}",
-                "ru_maxrss",
+                f"Peak, N={sizes[0]} / N={sizes[-1]}",
+                f"N={sizes[-1]}: after 10% -> end",
                 f"Time for N={sizes[-1]}",
                 "Status",
             ],
@@ -208,7 +217,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Date: {meta['date']}; {meta['machine']}; {meta['torch_threads']} torch thread(s); torch "
         f"{meta['torch']}, transformers {meta['transformers']}; total {meta['wall_s'] / 60:.1f} min; 1-min "
         f"load average {load['before']:.1f} before, {load['after']:.1f} after "
-        f"(other processes share the cores). Medians of interleaved rounds after a warm-up.",
+        f"(other processes share the cores). Each variant warmed up once, then timed in interleaved rounds: "
+        f"tokens/s use the median time, ratios the median of the per-round paired ratios.",
         "",
     ]
     sections = (
@@ -218,6 +228,12 @@ def markdown(results: dict[str, Any]) -> str:
         + memory_section(results["memory"])
     )
     return "\n".join(header + sections).rstrip() + "\n"
+
+
+def source_hashes() -> dict[str, str]:
+    """Short hashes of the personavec modules measured, to tell which version of the code ran."""
+    package = Path(personavec.__file__).parent
+    return {name: hashlib.sha256((package / name).read_bytes()).hexdigest()[:12] for name in SOURCES}
 
 
 def in_process(repeats: int | None) -> dict[str, Any]:
@@ -242,6 +258,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the child processes
 
     start, load_before = time.perf_counter(), os.getloadavg()[0]
+    sources = source_hashes()
     results: dict[str, Any] = {}
     # The child-process benchmarks first, while this process is small: load times a fresh conversion, and
     # a child's ru_maxrss starts at its parent's peak (see bench_memory.py).
@@ -257,10 +274,14 @@ def main() -> None:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
+        "personavec_sources": sources,
+        "sources_changed_during_run": source_hashes() != sources,
         "repeats": args.repeats,
         "wall_s": time.perf_counter() - start,
         "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
+    if results["meta"]["sources_changed_during_run"]:
+        log("WARNING: personavec's sources changed during the run; results mix two versions")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "core.json").write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)

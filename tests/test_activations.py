@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personavec.activations import capture_activations, iter_activations, pad_batch
+from personavec.activations import (
+    capture_activations,
+    default_max_padding,
+    iter_activations,
+    length_batches,
+    pad_batch,
+)
 from personavec.conversations import encode
 from personavec.errors import PersonavecError
 from personavec.models import LoadedModel
@@ -24,7 +30,10 @@ def reference(lm: LoadedModel, conversation: list[dict[str, str]]) -> tuple[list
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_capture_matches_hidden_states(tiny_lm: LoadedModel, padding_side: str) -> None:
-    acts = capture_activations(tiny_lm, CONVERSATIONS, tokens=True, padding_side=padding_side)
+    # max_padding=1: all three in one padded batch, so the padding path is what gets checked.
+    acts = capture_activations(
+        tiny_lm, CONVERSATIONS, tokens=True, padding_side=padding_side, max_padding=1.0
+    )
     n_blocks = tiny_lm.info.n_blocks
     assert acts["response_mean"].shape == (3, n_blocks + 1, tiny_lm.info.hidden_size)
     assert acts.tokens is not None
@@ -83,6 +92,27 @@ def test_stream_yields_every_example_once() -> None:
     convs = CONVERSATIONS * 5
     seen = [ex.index for ex in iter_activations(lm, convs, layers=[1], batch_size=4, token_budget=300)]
     assert sorted(seen) == list(range(len(convs)))
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 0.05, 0.2, 1.0])
+def test_length_batches_respect_every_bound(max_padding: float) -> None:
+    lengths = [57, 300, 120, 118, 64, 250, 249, 90, 91, 92, 180, 10, 300, 301]
+    batches = length_batches(lengths, batch_size=4, token_budget=900, max_padding=max_padding)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        width = max(lengths[i] for i in b)
+        assert len(b) <= 4
+        assert len(b) == 1 or len(b) * width <= 900
+        assert len(b) == 1 or sum(lengths[i] for i in b) >= (1 - max_padding) * len(b) * width
+    if max_padding == 0.0:
+        # Only equal lengths may share a batch.
+        assert all(len({lengths[i] for i in b}) == 1 for b in batches)
+    if max_padding == 1.0:
+        assert len(batches) < len(lengths)
+
+
+def test_default_padding_is_tight_on_cpu() -> None:
+    assert default_max_padding(torch.device("cpu")) < default_max_padding(torch.device("cuda"))
 
 
 def test_left_padding_positions_count_real_tokens() -> None:

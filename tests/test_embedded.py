@@ -35,7 +35,7 @@ def test_embedded_model_loads_from_cache(smol: LoadedModel) -> None:
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_embedded_capture_matches_hidden_states(smol: LoadedModel, padding_side: str) -> None:
-    acts = capture_activations(smol, CONVERSATIONS, tokens=True, padding_side=padding_side)
+    acts = capture_activations(smol, CONVERSATIONS, tokens=True, padding_side=padding_side, max_padding=1.0)
     assert acts.tokens is not None
     for i, conv in enumerate(CONVERSATIONS):
         hs, p = reference(smol, conv)

@@ -353,6 +353,22 @@ def test_perplexity_mechanics(tiny_coherence: PerplexityCoherence, tiny_llama: L
     assert tiny_coherence.name == f"perplexity:{tiny_llama.info.fingerprint}"
 
 
+def test_read_back_log_likelihoods_give_the_same_coherence(
+    tiny_coherence: PerplexityCoherence, tiny_llama: LoadedModel
+) -> None:
+    # The sweep scores coherence from the read-back's log-likelihoods instead of a second pass.
+    from personavec.readback import read_back
+
+    from .helpers import random_vector
+
+    rb = read_back(tiny_llama, random_vector(tiny_llama), [(it.question, it.answer) for it in ITEMS], 1)
+    assert rb.log_likelihood[:-1] == pytest.approx(tiny_coherence.log_likelihood(ITEMS)[:-1], abs=1e-5)
+    measured = tiny_coherence.score_measured(rb.log_likelihood, [it.answer for it in ITEMS])
+    direct = tiny_coherence.score(ITEMS)
+    assert measured[-1] is None and direct[-1] is None
+    assert measured[:-1] == pytest.approx(direct[:-1], abs=1e-3)
+
+
 def test_perplexity_matches_a_manual_forward(
     tiny_coherence: PerplexityCoherence, tiny_llama: LoadedModel
 ) -> None:

@@ -65,6 +65,68 @@ def test_downstream_sees_exactly_added_vector(tiny_lm: LoadedModel) -> None:
     torch.testing.assert_close(seen[1], seen[0] + coef * v.at(layer), atol=1e-6, rtol=1e-6)
 
 
+def test_per_row_coefficients_steer_each_row_by_its_own_strength(tiny_lm: LoadedModel) -> None:
+    v = random_vector(tiny_lm, seed=3)
+    layer, coefs = 2, [0.0, 3.5, -1.25]
+    ids = _ids(tiny_lm).expand(3, -1)
+    seen: list[torch.Tensor] = []
+    h = tiny_lm.blocks[layer].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad():
+            tiny_lm.backbone(input_ids=ids)
+            with steer(tiny_lm, v, layers=layer, coef=coefs):
+                tiny_lm.backbone(input_ids=ids)
+    finally:
+        h.remove()
+    for row, c in enumerate(coefs):
+        torch.testing.assert_close(seen[1][row], seen[0][row] + c * v.at(layer), atol=1e-6, rtol=1e-6)
+    two = steer(tiny_lm, v, layers=layer, coef=[1.0, 2.0])
+    with (
+        pytest.raises(PersonavecError, match="2 per-row coefficients for a batch of 3"),
+        torch.no_grad(),
+        two,
+    ):
+        tiny_lm.backbone(input_ids=ids)
+    for bad in ([], [1.0, float("nan")]):
+        with pytest.raises(PersonavecError, match="coef"), steer(tiny_lm, v, layers=layer, coef=bad):
+            pass
+
+
+def test_per_row_coefficients_in_batched_generate() -> None:
+    lm = tiny("llama")
+    v = random_vector(lm, seed=4, scale=3.0)
+    params = SamplingParams(max_new_tokens=6)
+    with steer(lm, v, layers=1, coef=[0.0, 2.0, -2.0]):
+        batched = generate(lm, PROMPTS, params, batch_size=3)
+    alone = []
+    for prompt, c in zip(PROMPTS, [0.0, 2.0, -2.0]):
+        with steer(lm, v, layers=1, coef=c):
+            alone.append(generate(lm, [prompt], params)[0])
+    assert batched == alone
+
+
+def test_defaults_come_from_the_stored_sweep_choice(tiny_lm: LoadedModel) -> None:
+    v = random_vector(tiny_lm, seed=2)
+    ids = _ids(tiny_lm)
+
+    def steered_logits(vec: object, **kw: object) -> torch.Tensor:
+        with steer(tiny_lm, vec, **kw):  # type: ignore[arg-type]
+            return _logits(tiny_lm, ids)
+
+    chosen = v.with_meta(extra={**v.meta.extra, "steering": {"amplify": {"layer": 1, "coef": 2.5}}})
+    assert torch.equal(steered_logits(chosen), steered_logits(v, layers=1, coef=2.5))
+    # An explicit coefficient overrides the stored one; an explicit layer drops the stored coefficient.
+    assert torch.equal(steered_logits(chosen, coef=-1.0), steered_logits(v, layers=1, coef=-1.0))
+    assert torch.equal(steered_logits(chosen, layers=2), steered_logits(v, layers=2, coef=1.0))
+    assert not torch.equal(steered_logits(chosen), steered_logits(v, layers=1, coef=1.0))
+    bare = v.with_meta(extra={})
+    with pytest.raises(PersonavecError, match="no recommended layer"):
+        steered_logits(bare)
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_response_positions_leave_prompt_untouched(use_cache: bool) -> None:
     lm = tiny("llama")

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from personavec.activations import BatchLayout, _first_tensor, length_batches, pad_batch, response_mean
+from personavec.activations import (
+    BatchLayout,
+    _first_tensor,
+    default_max_padding,
+    forward_mask,
+    length_batches,
+    pad_batch,
+    response_mean,
+)
 from personavec.conversations import Encoded, encode
 from personavec.errors import PersonavecError
 from personavec.layers import check_layers
@@ -129,7 +137,8 @@ def read_back(
             idx.append(i)
             encoded.append(enc)
     pad_id = int(lm.tokenizer.pad_token_id)
-    for batch in length_batches([len(e.ids) for e in encoded], batch_size, token_budget):
+    padding = default_max_padding(lm.device)
+    for batch in length_batches([len(e.ids) for e in encoded], batch_size, token_budget, padding):
         encs = [encoded[b] for b in batch]
         ids, layout, positions = pad_batch(encs, pad_id, "right", lm.device)
         # Only logits from the earliest answer's first prediction on are needed; skipping the rest keeps
@@ -175,7 +184,7 @@ def _hooked_pass(
         with torch.inference_mode():
             logits = lm.model(
                 input_ids=ids,
-                attention_mask=layout.attention_mask,
+                attention_mask=forward_mask(layout),
                 position_ids=positions,
                 use_cache=False,
                 **kwargs,

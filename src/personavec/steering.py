@@ -34,18 +34,21 @@ from personavec.layers import check_layers
 from personavec.models import LoadedModel
 from personavec.vectors import PersonaVector
 
-# A mode maps (hidden [.., T, d], direction [d], coef, position mask [.., T, 1]) to the new hidden.
-Mode = Callable[[Tensor, Tensor, float, Tensor | None], Tensor]
+# A mode maps (hidden [B, T, d], direction [d], coef, position mask [B, T, 1]) to the new hidden; coef is a
+# float, or a [B, 1, 1] tensor when each row of the batch has its own strength.
+Mode = Callable[[Tensor, Tensor, "float | Tensor", Tensor | None], Tensor]
 Positions = str | Tensor
+# One strength for the whole batch, or one per row (several strengths in one batched generate call).
+Coef = float | Sequence[float]
 
 
-def add(hidden: Tensor, direction: Tensor, coef: float, mask: Tensor | None) -> Tensor:
+def add(hidden: Tensor, direction: Tensor, coef: float | Tensor, mask: Tensor | None) -> Tensor:
     """Activation addition: ``h + coef * v`` at the selected positions."""
     delta = coef * direction
     return hidden + (delta if mask is None else mask * delta)
 
 
-def ablate(hidden: Tensor, direction: Tensor, coef: float, mask: Tensor | None) -> Tensor:
+def ablate(hidden: Tensor, direction: Tensor, coef: float | Tensor, mask: Tensor | None) -> Tensor:
     """Directional ablation: remove the component of ``h`` along ``v`` (``coef`` is ignored)."""
     unit = direction / direction.norm().clamp(min=1e-12)
     removed = (hidden @ unit).unsqueeze(-1) * unit
@@ -59,14 +62,14 @@ class SteeringSpec:
     Attributes:
         vector: The persona vector.
         layers: Layer indices ``1..L`` whose block outputs are changed.
-        coef: Strength; negative steers away from the trait.
+        coef: Strength; negative steers away from the trait. A sequence gives each batch row its own.
         positions: ``all``, ``prompt``, ``response`` or a bool mask.
         mode: :func:`add` (default) or :func:`ablate`, or any callable of that shape.
     """
 
     vector: PersonaVector
     layers: Sequence[int]
-    coef: float = 1.0
+    coef: Coef = 1.0
     positions: Positions = "all"
     mode: Mode = field(default=add)
 
@@ -121,7 +124,7 @@ def steer(
     lm: LoadedModel,
     vector: PersonaVector | Sequence[SteeringSpec],
     layers: int | Sequence[int] | None = None,
-    coef: float = 1.0,
+    coef: Coef | None = None,
     positions: Positions = "all",
     mode: Mode = add,
 ) -> Iterator[None]:
@@ -130,8 +133,11 @@ def steer(
     Args:
         lm: The loaded model.
         vector: A persona vector, or several :class:`SteeringSpec` to apply together.
-        layers: Layer index or indices (``1..L``); default: the vector's recommended layer.
-        coef: Strength (ignored by :func:`ablate`); negative steers away from the trait.
+        layers: Layer index or indices (``1..L``); default: the layer a sweep chose and stored in the
+            vector file (``meta.extra["steering"]["amplify"]``), else the vector's recommended layer.
+        coef: Strength in vector units (ignored by :func:`ablate`); negative steers away from the trait.
+            Default: the sweep's stored coefficient when ``layers`` is left out too, else 1.0. A
+            sequence gives each row of the batch its own strength (its length must be the batch size).
         positions: ``all``, ``prompt``, ``response`` or a bool mask (see the module docstring).
         mode: :func:`add` or :func:`ablate` (or your own callable of the same shape).
 
@@ -142,26 +148,36 @@ def steer(
         PersonavecError: On a vector/model mismatch, a bad layer, or bad positions.
     """
     if isinstance(vector, PersonaVector):
-        if layers is None:
+        chosen = (vector.meta.extra.get("steering") or {}).get("amplify") or {}
+        if layers is None and chosen:
+            layers = int(chosen["layer"])
+            # The stored coefficient was measured at that layer, so it only applies together with it.
+            coef = float(chosen["coef"]) if coef is None else coef
+        elif layers is None:
             rec = vector.meta.extra.get("recommended_layer")
             if rec is None:
                 raise PersonavecError(f"vector '{vector.meta.trait}' has no recommended layer: pass layers=")
             layers = int(rec)
+        strength = 1.0 if coef is None else coef
         specs: Sequence[SteeringSpec] = [
-            SteeringSpec(vector, [layers] if isinstance(layers, int) else list(layers), coef, positions, mode)
+            SteeringSpec(
+                vector, [layers] if isinstance(layers, int) else list(layers), strength, positions, mode
+            )
         ]
     else:
         specs = list(vector)
     n_blocks, d = lm.info.n_blocks, lm.info.hidden_size
-    plan: list[tuple[int, Tensor, float, Positions, Mode]] = []
+    plan: list[tuple[int, Tensor, float | Tensor, Positions, Mode]] = []
     for spec in specs:
         spec.vector.check_model(n_blocks, d, lm.info.id)
         pos = _resolve(spec.positions)
+        value = _strength(spec.coef)
         for layer in check_layers(spec.layers, n_blocks, allow_embeddings=False):
-            plan.append((layer, spec.vector.at(layer), float(spec.coef), pos, spec.mode))
+            plan.append((layer, spec.vector.at(layer), value, pos, spec.mode))
 
     tracker = _PositionTracker()
     cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+    row_cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
 
     def pre_hook(_module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -176,10 +192,19 @@ def steer(
             key = (i, hidden.device, hidden.dtype)
             if key not in cache:
                 cache[key] = direction.to(hidden.device, hidden.dtype)
+                if isinstance(c, Tensor):
+                    row_cache[key] = c.to(hidden.device, hidden.dtype).view(-1, 1, 1)
+            strength: float | Tensor = c
+            if isinstance(c, Tensor):
+                if c.numel() != hidden.shape[0]:
+                    raise PersonavecError(
+                        f"{c.numel()} per-row coefficients for a batch of {hidden.shape[0]} rows"
+                    )
+                strength = row_cache[key]
             mask = tracker.mask(pos, hidden.shape, hidden.device)
             if mask is not None:
                 mask = mask.to(hidden.dtype)
-            new = fn(hidden, cache[key], c, mask)
+            new = fn(hidden, cache[key], strength, mask)
             if isinstance(output, Tensor):
                 return new
             return (new, *output[1:])  # type: ignore[index]
@@ -194,6 +219,22 @@ def steer(
     finally:
         for h in handles:
             h.remove()
+
+
+def _strength(coef: Coef) -> float | Tensor:
+    """A float, or a 1-D tensor of per-row strengths; both checked for finite values."""
+    if isinstance(coef, int | float):
+        values = torch.tensor([float(coef)])
+    else:
+        try:
+            values = torch.tensor([float(c) for c in coef], dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise PersonavecError(f"coef must be a number or a list of numbers, not {coef!r}") from None
+        if values.numel() == 0:
+            raise PersonavecError("coef is an empty list: give one strength per batch row")
+    if not bool(torch.isfinite(values).all()):
+        raise PersonavecError(f"coef must be finite, got {coef!r}")
+    return float(coef) if isinstance(coef, int | float) else values
 
 
 def project(activations: Tensor, vector: PersonaVector, layer: int) -> Tensor:

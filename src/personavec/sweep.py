@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -37,7 +37,7 @@ from personavec.activations import capture_activations, response_mean
 from personavec.errors import PersonavecError
 from personavec.generation import SamplingParams, generate
 from personavec.judging.base import Judge, JudgeItem
-from personavec.judging.coherence import REFERENCES, repetition_share
+from personavec.judging.coherence import REFERENCES, PerplexityCoherence, repetition_share
 from personavec.layers import check_layers
 from personavec.models import LoadedModel
 from personavec.readback import ReadBack, read_back
@@ -434,7 +434,7 @@ def sweep(
     on_progress: Callable[[int], None] | None = None,
     quick: bool = False,
     guard: Guard | None = None,
-    batch_size: int = 16,
+    batch_size: int = 48,
 ) -> SweepResult:
     """Steer on the trait's evaluation questions over layers x coefficients and measure each cell.
 
@@ -516,46 +516,70 @@ def sweep(
             }
         )
 
-    def run_cell(condition: str, layer: int, coef: float) -> list[dict[str, Any]]:
-        keys = [key(condition, layer, coef, q) for q in questions]
-        todo = [(k, q) for k, q in zip(keys, questions) if k not in store]
-        if on_progress is not None and len(todo) < len(keys):
-            on_progress(len(keys) - len(todo))
+    def reuse_readback(judge: Judge) -> TypeGuard[PerplexityCoherence]:
+        # A perplexity judge on this very model, with answers shorter than its truncation, would repeat
+        # the read-back's forward pass and get the same numbers.
+        return (
+            isinstance(judge, PerplexityCoherence)
+            and judge.lm is lm
+            and params.max_new_tokens <= judge.max_answer_tokens
+        )
+
+    reported: set[str] = set()  # keys already counted by on_progress
+
+    def answer(todo: list[tuple[str, str, float, str]], layer: int) -> None:
+        """Generate, read back and store answers ``(key, condition, coef, question)`` at one layer.
+
+        Cells of one layer share batches, each row steered by its own coefficient: one batched
+        ``generate`` call instead of one small call per cell (decoding is much cheaper per row in
+        wide batches).
+        """
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            sys_msg = system[condition]
-            convs = [
-                [
-                    *([{"role": "system", "content": sys_msg}] if sys_msg else []),
-                    {"role": "user", "content": q},
-                ]
-                for _k, q in chunk
-            ]
-            seeds = [int(k[:8], 16) for k, _q in chunk]
-            if layer == 0 or coef == 0:
-                answers = generate(lm, convs, params, seeds=seeds, batch_size=batch_size)
+            convs: list[list[dict[str, str]]] = []
+            for _k, cond, _c, q in chunk:
+                sys_msg = system[cond]
+                head = [{"role": "system", "content": sys_msg}] if sys_msg else []
+                convs.append([*head, {"role": "user", "content": q}])
+            seeds = [int(k[:8], 16) for k, *_rest in chunk]
+            row_coefs = [c for _k, _cond, c, _q in chunk]
+            if layer == 0 or not any(row_coefs):
+                answers = generate(lm, convs, params, seeds=seeds, batch_size=len(chunk))
             else:
-                with steer(lm, vector, layers=layer, coef=coef):
-                    answers = generate(lm, convs, params, seeds=seeds, batch_size=batch_size)
-            rb = read_back(lm, vector, [(q, a) for (_k, q), a in zip(chunk, answers)], rb_layer)
+                with steer(lm, vector, layers=layer, coef=row_coefs):
+                    answers = generate(lm, convs, params, seeds=seeds, batch_size=len(chunk))
+            rb = read_back(lm, vector, [(q, a) for (*_r, q), a in zip(chunk, answers)], rb_layer)
             store.append(
                 [
                     {
                         "key": k,
                         "type": "answer",
-                        "condition": condition,
+                        "condition": cond,
                         "layer": layer,
-                        "coef": coef,
+                        "coef": c,
                         "question": q,
                         "answer": a,
                         "projection": rb.projection[j],
                         "log_likelihood": rb.log_likelihood[j],
                     }
-                    for j, ((k, q), a) in enumerate(zip(chunk, answers))
+                    for j, ((k, cond, c, q), a) in enumerate(zip(chunk, answers))
                 ]
             )
+            reported.update(k for k, *_rest in chunk)
             if on_progress is not None:
                 on_progress(len(chunk))
+
+    def missing(condition: str, layer: int, coef: float) -> list[tuple[str, str, float, str]]:
+        keys = [key(condition, layer, coef, q) for q in questions]
+        return [(k, condition, coef, q) for k, q in zip(keys, questions) if k not in store]
+
+    def run_cell(condition: str, layer: int, coef: float) -> list[dict[str, Any]]:
+        keys = [key(condition, layer, coef, q) for q in questions]
+        answer(missing(condition, layer, coef), layer)
+        cached = [k for k in keys if k not in reported]
+        reported.update(cached)
+        if on_progress is not None and cached:
+            on_progress(len(cached))
         rows = [store.get(k) or {} for k in keys]
         for judge, kind in ((trait_judge, "trait"), (coherence_judge, "coherence")):
             if judge is None:
@@ -563,11 +587,15 @@ def sweep(
             jkeys = [record_key({"answer": r["key"], "judge": judge.name, "kind": kind}) for r in rows]
             need = [(jk, r) for jk, r in zip(jkeys, rows) if jk not in store]
             scorable = [(jk, r) for jk, r in need if str(r["answer"]).strip()]
-            scores = (
-                judge.score([JudgeItem(r["question"], r["answer"]) for _jk, r in scorable])
-                if scorable
-                else []
-            )
+            if not scorable:
+                scores: list[float | None] = []
+            elif reuse_readback(judge):
+                # The read-back already measured these log-likelihoods: same model, same encoding.
+                scores = judge.score_measured(
+                    [r["log_likelihood"] for _jk, r in scorable], [str(r["answer"]) for _jk, r in scorable]
+                )
+            else:
+                scores = judge.score([JudgeItem(r["question"], r["answer"]) for _jk, r in scorable])
             got = {jk: s for (jk, _r), s in zip(scorable, scores)}
             store.append(
                 [
@@ -607,6 +635,20 @@ def sweep(
             judge_trait=_mean([r.get("judge_trait") for r in rows]),
             judge_coherence=_mean([r.get("judge_coherence") for r in rows]),
             n=len(rows),
+        )
+
+    # Generate every missing answer first, layer by layer, in shared batches; the loops below then only
+    # read them from the store, judge them and aggregate.
+    answer([*missing("amplify", 0, 0.0), *missing("suppress", 0, 0.0)], 0)
+    for layer in steer_layers:
+        answer(
+            [
+                row
+                for condition, cell_layer, coef, fraction in grid
+                if cell_layer == layer and not too_large(fraction)
+                for row in missing(condition, layer, coef)
+            ],
+            layer,
         )
 
     baselines: dict[str, Cell] = {}

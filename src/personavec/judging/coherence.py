@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from personavec.activations import length_batches, pad_batch
+from personavec.activations import default_max_padding, forward_mask, length_batches, pad_batch
 from personavec.conversations import Encoded, encode
 from personavec.judging.base import JudgeItem
 from personavec.models import LoadedModel
@@ -169,7 +169,9 @@ class PerplexityCoherence:
         encoded = [self._encode(items[i]) for i in idx]
         keep = [k for k, e in enumerate(encoded) if e.response_len > 0]
         pad_id = int(self.lm.tokenizer.pad_token_id)
-        for batch in length_batches([len(encoded[k].ids) for k in keep], self.batch_size, self.token_budget):
+        lengths = [len(encoded[k].ids) for k in keep]
+        padding = default_max_padding(self.lm.device)
+        for batch in length_batches(lengths, self.batch_size, self.token_budget, padding):
             encs = [encoded[keep[b]] for b in batch]
             means = self._batch_means(encs, pad_id)
             for b, m in zip(batch, means):
@@ -186,7 +188,7 @@ class PerplexityCoherence:
         with torch.inference_mode():
             logits = self.lm.model(
                 input_ids=ids,
-                attention_mask=layout.attention_mask,
+                attention_mask=forward_mask(layout),
                 position_ids=positions,
                 use_cache=False,
                 **kwargs,
@@ -204,14 +206,31 @@ class PerplexityCoherence:
 
     def fluency(self, items: Sequence[JudgeItem]) -> list[float | None]:
         """The calibrated 0-100 likelihood score alone, before the repetition penalty."""
-        out: list[float | None] = []
-        for ll in self.log_likelihood(items):
-            out.append(None if math.isnan(ll) else _logistic(self._slope * (ll - self._mid)))
-        return out
+        return [self._fluency(ll) for ll in self.log_likelihood(items)]
+
+    def _fluency(self, ll: float | None) -> float | None:
+        if ll is None or math.isnan(ll):
+            return None
+        return _logistic(self._slope * (ll - self._mid))
 
     def score(self, items: Sequence[JudgeItem]) -> list[float | None]:
         """Coherence 0-100 per answer (fluency times the share of non-repeated 3-grams); empty -> ``None``."""
+        return self.score_measured(self.log_likelihood(items), [it.answer for it in items])
+
+    def score_measured(
+        self, log_likelihoods: Sequence[float | None], answers: Sequence[str]
+    ) -> list[float | None]:
+        """:meth:`score` from log-likelihoods already measured the same way, e.g. by ``read_back``.
+
+        Args:
+            log_likelihoods: Mean log-likelihood per answer token under this judge's model, with the
+                question as the only user turn (what :meth:`log_likelihood` returns).
+            answers: The answers, for the repetition penalty.
+
+        Returns:
+            Coherence 0-100 per answer; ``None`` where the log-likelihood is missing.
+        """
         return [
-            None if f is None else f * (1.0 - repetition_share(it.answer))
-            for it, f in zip(items, self.fluency(items))
+            None if f is None else f * (1.0 - repetition_share(a))
+            for a, f in zip(answers, (self._fluency(ll) for ll in log_likelihoods), strict=True)
         ]
