@@ -444,7 +444,10 @@ def test_local_judge_multi_token_matches_manual(tiny_llama: LoadedModel) -> None
     got = judge.score([item, ITEMS[0]])
     assert got[0] == pytest.approx(expected, abs=1e-6)
     assert all(s is not None and 0.0 <= s <= 100.0 for s in got)
-    judge.use_cache = False  # the no-cache fallback gives the same numbers
+    assert judge.tree  # the one-pass trie scoring was checked at construction and is in use
+    judge.tree = False  # the continuation path (shared KV cache) gives the same numbers
+    assert judge.score([item])[0] == pytest.approx(expected, abs=1e-6)
+    judge.use_cache = False  # and so does its no-cache fallback
     assert judge.score([item])[0] == pytest.approx(expected, abs=1e-6)
     assert judge.distributions([item]).sum().item() == pytest.approx(1.0)
 

@@ -29,6 +29,7 @@ from personavec.sweep import (
     SweepResult,
     choose,
     default_layers,
+    readback_layer,
     spearman,
     steering_defaults,
     sweep,
@@ -363,3 +364,17 @@ def test_cli_sweep_writes_choice_and_report(tiny_folder: tuple[Path, Path]) -> N
     assert table.exit_code == 0 and "chosen by" in table.stdout and "% resid." in table.stdout
     bad = CliRunner().invoke(app, [*args, "--coefs", "a,b"])
     assert bad.exit_code == 2 and "cannot parse coefficients" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("recommended", "expected"),
+    [(10, [10, 12, 15, 20]), (4, [4, 10, 15, 20]), (15, [10, 15, 17, 20]), (None, [10, 15, 17, 20])],
+)
+def test_default_grid_layers(recommended: int | None, expected: list[int]) -> None:
+    from personavec.vectors import VectorMeta
+
+    meta = VectorMeta(trait="t", model_id="m", model_fingerprint="f", n_blocks=30, hidden_size=4)
+    extra = {} if recommended is None else {"recommended_layer": recommended}
+    v = PersonaVector(torch.ones(31, 4), meta).with_meta(extra=extra)
+    assert default_layers(v) == expected
+    assert default_layers(v, quick=True) == sorted({readback_layer(v), 15 if readback_layer(v) != 15 else 10})

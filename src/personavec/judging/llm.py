@@ -193,6 +193,22 @@ class LocalJudge:
         except (TypeError, ValueError):
             params = {}  # type: ignore[assignment]
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keep_arg = "logits_to_keep" in params
+        self._build_trie()
+        # The one-pass tree scoring relies on the model honouring a custom 4D attention mask; check it
+        # once against the continuation path and keep the slower path where it does not.
+        self.tree = False
+        if not self.single_token:
+            probe = encode(lm.tokenizer, [{"role": "user", "content": "Rate this answer from 0 to 100."}])
+            reference = self._multi_token(probe)
+            try:
+                self.tree = bool(torch.allclose(self._tree(probe), reference, atol=1e-6))
+            except Exception as e:  # any failure of the custom mask just means: use the other path
+                log.debug("tree scoring unavailable for %s: %s", lm.info.id, e)
+            if not self.tree:
+                log.info(
+                    "judge %s: custom attention masks unsupported, scoring numbers one by one", self.name
+                )
 
     def _candidate_ids(self) -> list[tuple[int, ...]]:
         """Token ids of each number as the model would write it right after the generation prompt."""
@@ -223,7 +239,8 @@ class LocalJudge:
             return torch.empty((0, 101), dtype=torch.float64)
         if self.single_token:
             return self._single_token(encoded)
-        return torch.stack([self._multi_token(e) for e in encoded])
+        score_one = self._tree if self.tree else self._multi_token
+        return torch.stack([score_one(e) for e in encoded])
 
     def score(self, items: Sequence[JudgeItem]) -> list[float | None]:
         """Expected score 0-100 for each item, in input order."""
@@ -247,6 +264,73 @@ class LocalJudge:
                 ).logits[:, -1]
             rows.append(torch.softmax(logits.double()[:, ids_of], dim=-1).cpu())
         return torch.cat(rows)
+
+    def _build_trie(self) -> None:
+        """Every distinct prefix of the number candidates as a node: its token, depth and ancestors."""
+        index: dict[tuple[int, ...], int] = {}
+        tokens: list[int] = []
+        depth: list[int] = []
+        parent: list[int] = []
+        for cand in self._candidates:
+            for k in range(1, len(cand) + 1):
+                if cand[:k] not in index:
+                    index[cand[:k]] = len(tokens)
+                    tokens.append(cand[k - 1])
+                    depth.append(k)
+                    parent.append(index[cand[: k - 1]] if k > 1 else -1)
+        m = len(tokens)
+        ancestors = torch.zeros((m, m), dtype=torch.bool)
+        for i in range(m):
+            j = i
+            while j >= 0:
+                ancestors[i, j] = True
+                j = parent[j]
+        self._trie_tokens = torch.tensor(tokens, dtype=torch.long)
+        self._trie_depth = torch.tensor(depth, dtype=torch.long)
+        self._trie_ancestors = ancestors
+        # Per candidate: the rows of the log-prob table that predict each of its tokens (row 0 = the
+        # prompt's last position, row 1 + i = trie node i), and the row after its last token.
+        self._trie_steps = [
+            ([0] + [1 + index[cand[:k]] for k in range(1, len(cand))], 1 + index[cand])
+            for cand in self._candidates
+        ]
+
+    def _tree(self, enc: Encoded) -> torch.Tensor:
+        """All candidates in one forward pass: the prompt followed by the trie of number tokens.
+
+        Each trie node sees the whole prompt and its own ancestors only (a 4D additive attention mask)
+        and sits at the position it would have in its own continuation, so its logits are exactly those
+        of that continuation, at the cost of ~100 extra tokens instead of 101 separate continuations.
+        """
+        dev = self.lm.device
+        n, m = len(enc.ids), len(self._trie_tokens)
+        ids = torch.cat([torch.tensor(enc.ids, dtype=torch.long), self._trie_tokens]).to(dev)
+        positions = torch.cat([torch.arange(n), n - 1 + self._trie_depth]).to(dev)
+        allowed = torch.zeros((n + m, n + m), dtype=torch.bool)
+        allowed[:n, :n] = torch.ones((n, n), dtype=torch.bool).tril()
+        allowed[n:, :n] = True
+        allowed[n:, n:] = self._trie_ancestors
+        dtype = next(self.lm.model.parameters()).dtype
+        mask = torch.zeros((n + m, n + m), dtype=dtype)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        kwargs = {"logits_to_keep": m + 1} if self._keep_arg else {}
+        with torch.inference_mode():
+            logits = self.lm.model(
+                input_ids=ids[None],
+                attention_mask=mask[None, None].to(dev),
+                position_ids=positions[None],
+                use_cache=False,
+                **kwargs,
+            ).logits[0, -(m + 1) :]
+        lp = torch.log_softmax(logits.double(), -1).cpu()
+        digit = self._digit
+        scores = torch.empty(len(self._candidates), dtype=torch.float64)
+        for i, (cand, (rows, after)) in enumerate(zip(self._candidates, self._trie_steps)):
+            total = sum(float(lp[r, t]) for r, t in zip(rows, cand))
+            # Probability that the number ends here rather than growing another digit.
+            stop = 1.0 - lp[after].exp()[digit].sum().clamp(max=1.0)
+            scores[i] = total + float(torch.log(stop.clamp(min=1e-300)))
+        return torch.softmax(scores, dim=0)
 
     def _multi_token(self, enc: Encoded) -> torch.Tensor:
         prompt = torch.tensor([enc.ids], device=self.lm.device)

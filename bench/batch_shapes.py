@@ -1,0 +1,54 @@
+"""How much batching helps on this machine: backbone tokens/s at batch 1..32 of 200-token inputs.
+
+Also the paper's loop (full LM, ``output_hidden_states=True``, one example at a time) and the LM with
+``logits_to_keep=1`` on the same inputs. A diagnostic for the capture targets, not part of ``run_all.py``
+(about 2 minutes on 2 cores). Random token ids; medians of 3 calls after a warm-up.
+
+Run: ``HF_HUB_OFFLINE=1 python bench/batch_shapes.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from common import load_lm
+
+LENGTH, TOTAL = 200, 32
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    lm = load_lm()
+    print(f"torch threads {torch.get_num_threads()}, attention {lm.model.config._attn_implementation}")
+    tokens = TOTAL * LENGTH
+    with torch.inference_mode():
+        for b in (1, 2, 4, 8, 16, 32):
+            ids = torch.randint(100, 20000, (b, LENGTH))
+            sec = median_seconds(
+                lambda ids=ids, b=b: [lm.backbone(input_ids=ids, use_cache=False) for _ in range(TOTAL // b)]
+            )
+            print(f"backbone, batches of {b} x {LENGTH}: {tokens / sec:.0f} tok/s", flush=True)
+        one = torch.randint(100, 20000, (1, LENGTH))
+        sec = median_seconds(
+            lambda: [lm.model(input_ids=one, output_hidden_states=True) for _ in range(TOTAL)]
+        )
+        print(f"paper loop, 1 x {LENGTH}: {tokens / sec:.0f} tok/s", flush=True)
+        sec = median_seconds(
+            lambda: [lm.model(input_ids=one, use_cache=False, logits_to_keep=1) for _ in range(TOTAL)]
+        )
+        print(f"LM with logits_to_keep=1, 1 x {LENGTH}: {tokens / sec:.0f} tok/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
