@@ -45,44 +45,39 @@ def test_coef_zero_gives_identical_logits(tiny_lm: LoadedModel) -> None:
     assert not torch.allclose(base, moved, atol=1e-3)
 
 
-def test_downstream_sees_exactly_added_vector(tiny_lm: LoadedModel) -> None:
-    v = random_vector(tiny_lm, seed=1)
-    layer, coef = 2, 3.5
-    ids = _ids(tiny_lm)
+def _downstream_inputs(
+    lm: LoadedModel, ids: torch.Tensor, layer: int, **steering: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What block ``layer + 1`` reads (everything downstream of block ``layer``): unsteered, steered."""
     seen: list[torch.Tensor] = []
-    # The input of block layer+1 is what everything downstream of block `layer` reads.
-    h = tiny_lm.blocks[layer].register_forward_pre_hook(
+    h = lm.blocks[layer].register_forward_pre_hook(
         lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()),
         with_kwargs=True,
     )
     try:
         with torch.no_grad():
-            tiny_lm.backbone(input_ids=ids)
-            with steer(tiny_lm, v, layers=layer, coef=coef):
-                tiny_lm.backbone(input_ids=ids)
+            lm.backbone(input_ids=ids)
+            with steer(lm, layers=layer, **steering):  # type: ignore[arg-type]
+                lm.backbone(input_ids=ids)
     finally:
         h.remove()
-    torch.testing.assert_close(seen[1], seen[0] + coef * v.at(layer), atol=1e-6, rtol=1e-6)
+    return seen[0], seen[1]
+
+
+def test_downstream_sees_exactly_added_vector(tiny_lm: LoadedModel) -> None:
+    v = random_vector(tiny_lm, seed=1)
+    layer, coef = 2, 3.5
+    plain, steered = _downstream_inputs(tiny_lm, _ids(tiny_lm), layer, vector=v, coef=coef)
+    torch.testing.assert_close(steered, plain + coef * v.at(layer), atol=1e-6, rtol=1e-6)
 
 
 def test_per_row_coefficients_steer_each_row_by_its_own_strength(tiny_lm: LoadedModel) -> None:
     v = random_vector(tiny_lm, seed=3)
     layer, coefs = 2, [0.0, 3.5, -1.25]
     ids = _ids(tiny_lm).expand(3, -1)
-    seen: list[torch.Tensor] = []
-    h = tiny_lm.blocks[layer].register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()),
-        with_kwargs=True,
-    )
-    try:
-        with torch.no_grad():
-            tiny_lm.backbone(input_ids=ids)
-            with steer(tiny_lm, v, layers=layer, coef=coefs):
-                tiny_lm.backbone(input_ids=ids)
-    finally:
-        h.remove()
+    plain, steered = _downstream_inputs(tiny_lm, ids, layer, vector=v, coef=coefs)
     for row, c in enumerate(coefs):
-        torch.testing.assert_close(seen[1][row], seen[0][row] + c * v.at(layer), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(steered[row], plain[row] + c * v.at(layer), atol=1e-6, rtol=1e-6)
     two = steer(tiny_lm, v, layers=layer, coef=[1.0, 2.0])
     with (
         pytest.raises(PersonavecError, match="2 per-row coefficients for a batch of 3"),
