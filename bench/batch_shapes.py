@@ -1,14 +1,16 @@
 """How much batching helps on this machine: backbone tokens/s at batch 1..32 of 200-token inputs.
 
-Also the paper's loop (full LM, ``output_hidden_states=True``, one example at a time) and the LM with
-``logits_to_keep=1`` on the same inputs. A diagnostic for the capture targets, not part of ``run_all.py``
-(about 2 minutes on 2 cores). Random token ids; medians of 3 calls after a warm-up.
+Also the paper's loop (full LM, ``output_hidden_states=True``, one example at a time), the LM with
+``logits_to_keep=1`` on the same inputs, and batches of 4 run by two Python threads with one intra-op
+thread each against one stream with two intra-op threads. A diagnostic for the capture targets, not
+part of ``run_all.py`` (about 2 minutes on 2 cores). Random token ids; medians of 3 calls after a warm-up.
 
 Run: ``HF_HUB_OFFLINE=1 python bench/batch_shapes.py``.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -48,6 +50,29 @@ def main() -> None:
             lambda: [lm.model(input_ids=one, use_cache=False, logits_to_keep=1) for _ in range(TOTAL)]
         )
         print(f"LM with logits_to_keep=1, 1 x {LENGTH}: {tokens / sec:.0f} tok/s", flush=True)
+
+    four = torch.randint(100, 20000, (4, LENGTH))
+
+    def stream(n: int) -> None:
+        with torch.inference_mode():  # thread-local: each worker enters it itself
+            for _ in range(n):
+                lm.backbone(input_ids=four, use_cache=False)
+
+    threads = torch.get_num_threads()
+    sec = median_seconds(lambda: stream(TOTAL // 4))
+    print(f"backbone 4 x {LENGTH}, one stream, {threads} intra-op threads: {tokens / sec:.0f} tok/s")
+
+    def two_streams() -> None:
+        workers = [threading.Thread(target=stream, args=(TOTAL // 8,)) for _ in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    torch.set_num_threads(1)
+    sec = median_seconds(two_streams)
+    print(f"backbone 4 x {LENGTH}, two Python threads x 1 intra-op thread: {tokens / sec:.0f} tok/s")
+    torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
