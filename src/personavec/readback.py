@@ -33,12 +33,10 @@ from personavec.activations import (
 )
 from personavec.conversations import Encoded, encode
 from personavec.errors import PersonavecError
+from personavec.judging.coherence import _NO_QUESTION, answer_log_likelihoods
 from personavec.layers import check_layers
 from personavec.models import LoadedModel
 from personavec.vectors import PersonaVector
-
-# Used when a question is empty: the chat template needs a non-empty user turn.
-_NO_QUESTION = "Please answer."
 
 
 @dataclass(frozen=True)
@@ -128,6 +126,8 @@ def read_back(
     for i, (question, answer) in enumerate(items):
         if not answer.strip():
             continue  # an empty answer has nothing to read: nan, not 0
+        # Encoded exactly as the perplexity judge encodes, so a sweep can score coherence from these
+        # log-likelihoods instead of a second pass.
         conv = [
             {"role": "user", "content": question if question.strip() else _NO_QUESTION},
             {"role": "assistant", "content": answer},
@@ -145,17 +145,13 @@ def read_back(
         # the [batch, positions, vocab] tensor small (the vocabulary is often 50k+).
         first = min(e.prompt_len for e in encs) - 1
         hidden, logits = _hooked_pass(lm, ids, layout, positions, layer, ids.shape[1] - first)
-        offset = ids.shape[1] - logits.shape[1]  # absolute position of logits[:, 0]
         pooled = response_mean(hidden, layout) @ unit
         per_token = hidden @ unit
+        batch_lls = answer_log_likelihoods(logits, ids, encs)
         for row, b in enumerate(batch):
             e, i = encoded[b], idx[b]
             proj[i] = float(pooled[row])
-            # The token at position p is predicted by the logits at p - 1 (right padding: row starts at 0).
-            lg = logits[row, e.prompt_len - 1 - offset : len(e.ids) - 1 - offset].float()
-            targets = ids[row, e.prompt_len : len(e.ids)]
-            lp = lg.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, -1)
-            lls[i] = float(lp.mean())
+            lls[i] = batch_lls[row]
             if tokens:
                 tok_str[i] = [lm.tokenizer.decode([t]) for t in e.ids[e.prompt_len :]]
                 tok_proj[i] = [float(x) for x in per_token[row, e.prompt_len : len(e.ids)]]

@@ -22,6 +22,7 @@ Projection convention (used by monitoring and screening too): ``project`` return
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -176,8 +177,8 @@ def steer(
             plan.append((layer, spec.vector.at(layer), value, pos, spec.mode))
 
     tracker = _PositionTracker()
-    cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
-    row_cache: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+    # Per plan entry, device and dtype: the direction and the strength, converted once.
+    cache: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, float | Tensor]] = {}
 
     def pre_hook(_module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -191,20 +192,17 @@ def steer(
             hidden = output if isinstance(output, Tensor) else output[0]  # type: ignore[index]
             key = (i, hidden.device, hidden.dtype)
             if key not in cache:
-                cache[key] = direction.to(hidden.device, hidden.dtype)
-                if isinstance(c, Tensor):
-                    row_cache[key] = c.to(hidden.device, hidden.dtype).view(-1, 1, 1)
-            strength: float | Tensor = c
-            if isinstance(c, Tensor):
-                if c.numel() != hidden.shape[0]:
-                    raise PersonavecError(
-                        f"{c.numel()} per-row coefficients for a batch of {hidden.shape[0]} rows"
-                    )
-                strength = row_cache[key]
+                strength = c.to(hidden.device, hidden.dtype) if isinstance(c, Tensor) else c
+                cache[key] = (direction.to(hidden.device, hidden.dtype), strength)
+            vec, strength = cache[key]
+            if isinstance(strength, Tensor) and strength.shape[0] != hidden.shape[0]:
+                raise PersonavecError(
+                    f"{strength.shape[0]} per-row coefficients for a batch of {hidden.shape[0]} rows"
+                )
             mask = tracker.mask(pos, hidden.shape, hidden.device)
             if mask is not None:
                 mask = mask.to(hidden.dtype)
-            new = fn(hidden, cache[key], strength, mask)
+            new = fn(hidden, vec, strength, mask)
             if isinstance(output, Tensor):
                 return new
             return (new, *output[1:])  # type: ignore[index]
@@ -222,19 +220,20 @@ def steer(
 
 
 def _strength(coef: Coef) -> float | Tensor:
-    """A float, or a 1-D tensor of per-row strengths; both checked for finite values."""
+    """A float, or per-row strengths as a ``[B, 1, 1]`` tensor; both checked for finite values."""
     if isinstance(coef, int | float):
-        values = torch.tensor([float(coef)])
-    else:
-        try:
-            values = torch.tensor([float(c) for c in coef], dtype=torch.float32)
-        except (TypeError, ValueError):
-            raise PersonavecError(f"coef must be a number or a list of numbers, not {coef!r}") from None
-        if values.numel() == 0:
-            raise PersonavecError("coef is an empty list: give one strength per batch row")
+        if not math.isfinite(coef):
+            raise PersonavecError(f"coef must be finite, got {coef!r}")
+        return float(coef)
+    try:
+        values = torch.tensor([float(c) for c in coef], dtype=torch.float32)
+    except (TypeError, ValueError):
+        raise PersonavecError(f"coef must be a number or a list of numbers, not {coef!r}") from None
+    if values.numel() == 0:
+        raise PersonavecError("coef is an empty list: give one strength per batch row")
     if not bool(torch.isfinite(values).all()):
         raise PersonavecError(f"coef must be finite, got {coef!r}")
-    return float(coef) if isinstance(coef, int | float) else values
+    return values.view(-1, 1, 1)
 
 
 def project(activations: Tensor, vector: PersonaVector, layer: int) -> Tensor:

@@ -581,8 +581,8 @@ def sweep(
         return [(k, condition, coef, q) for k, q in zip(keys, questions) if k not in store]
 
     def run_cell(condition: str, layer: int, coef: float) -> list[dict[str, Any]]:
+        # The answers were generated up front (below); here they are counted, judged and returned.
         keys = [key(condition, layer, coef, q) for q in questions]
-        answer(missing(condition, layer, coef), layer)
         cached = [k for k in keys if k not in reported]
         reported.update(cached)
         if on_progress is not None and cached:

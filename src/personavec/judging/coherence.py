@@ -107,6 +107,29 @@ def _logistic(x: float) -> float:
     return 100.0 * z / (1.0 + z)
 
 
+def answer_log_likelihoods(logits: torch.Tensor, ids: torch.Tensor, encs: Sequence[Encoded]) -> list[float]:
+    """Mean log-likelihood per answer token of each row of a right-padded batch.
+
+    Args:
+        logits: ``[B, K, V]``: the logits of the batch's last ``K`` positions (``logits_to_keep``), which
+            must reach back to the earliest answer's first prediction.
+        ids: ``[B, T]`` input ids, each row starting in column 0.
+        encs: The rows' encodings (prompt/response boundary).
+
+    Returns:
+        One value per row, in nats (``<= 0``).
+    """
+    offset = ids.shape[1] - logits.shape[1]  # absolute position of logits[:, 0]
+    means = []
+    for row, e in enumerate(encs):
+        # The token at position p is predicted by the logits at p - 1.
+        lg = logits[row, e.prompt_len - 1 - offset : len(e.ids) - 1 - offset].float()
+        targets = ids[row, e.prompt_len : len(e.ids)]
+        lp = lg.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, -1)
+        means.append(float(lp.mean()))
+    return means
+
+
 class PerplexityCoherence:
     """Coherence 0-100 from the target model's likelihood of the answer, with a repetition penalty.
 
@@ -193,16 +216,7 @@ class PerplexityCoherence:
                 use_cache=False,
                 **kwargs,
             ).logits
-        offset = width - logits.shape[1]  # absolute position of logits[:, 0]
-        means = []
-        for row, e in enumerate(encs):
-            # The token at position p is predicted by the logits at p - 1.
-            start, stop = e.prompt_len - 1 - offset, len(e.ids) - 1 - offset
-            lg = logits[row, start:stop].float()
-            targets = ids[row, e.prompt_len : len(e.ids)]
-            lp = lg.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, -1)
-            means.append(float(lp.mean()))
-        return means
+        return answer_log_likelihoods(logits, ids, encs)
 
     def fluency(self, items: Sequence[JudgeItem]) -> list[float | None]:
         """The calibrated 0-100 likelihood score alone, before the repetition penalty."""

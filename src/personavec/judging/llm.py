@@ -151,6 +151,13 @@ class ApiJudge:
         return [s for s, _ in results]
 
 
+def _ends_here(token_logprob: float, next_logprobs: torch.Tensor, digit: torch.Tensor) -> float:
+    """Log-probability of a number: its tokens' log-probability plus that of no further digit."""
+    # Without the stop term "1" would include every "1x" and "100" (they start the same way).
+    stop = 1.0 - next_logprobs.exp()[digit].sum().clamp(max=1.0)
+    return token_logprob + float(torch.log(stop.clamp(min=1e-300)))
+
+
 class LocalJudge:
     """A local chat model as judge: the expected number 0-100 from its next-token probabilities.
 
@@ -326,10 +333,7 @@ class LocalJudge:
         digit = self._digit
         scores = torch.empty(len(self._candidates), dtype=torch.float64)
         for i, (cand, (rows, after)) in enumerate(zip(self._candidates, self._trie_steps)):
-            total = sum(float(lp[r, t]) for r, t in zip(rows, cand))
-            # Probability that the number ends here rather than growing another digit.
-            stop = 1.0 - lp[after].exp()[digit].sum().clamp(max=1.0)
-            scores[i] = total + float(torch.log(stop.clamp(min=1e-300)))
+            scores[i] = _ends_here(sum(float(lp[r, t]) for r, t in zip(rows, cand)), lp[after], digit)
         return torch.softmax(scores, dim=0)
 
     def _multi_token(self, enc: Encoded) -> torch.Tensor:
@@ -368,8 +372,6 @@ class LocalJudge:
                 lp = torch.log_softmax(logits.double(), -1)
                 digit = self._digit.to(lp.device)
                 for r, (i, c) in enumerate(zip(chunk_idx, chunk)):
-                    total = first[c[0]] + sum(lp[r, k - 1, c[k]] for k in range(1, len(c)))
-                    # Probability that the number ends here rather than growing another digit.
-                    stop = 1.0 - lp[r, len(c) - 1].exp()[digit].sum().clamp(max=1.0)
-                    scores[i] = float(total + torch.log(stop.clamp(min=1e-300)))
+                    total = float(first[c[0]] + sum(lp[r, k - 1, c[k]] for k in range(1, len(c))))
+                    scores[i] = _ends_here(total, lp[r, len(c) - 1], digit)
         return torch.softmax(scores, dim=0)
