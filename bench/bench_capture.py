@@ -10,7 +10,9 @@ median over rounds of their paired time ratio (see ``common.paired_speedup``). V
 * ``backbone_bucketed``: ``lm.backbone``, sorted by length and cut into batches of 8 (less padding);
 * ``paper_loop``: the paper's way, one example at a time through the full LM with
   ``output_hidden_states=True``, then a response mean of every hidden state;
-* ``capture_all``: ``capture_activations`` on all layers, ``response_mean`` only;
+* ``capture_all``: ``capture_activations`` on all layers, ``response_mean`` only (on a CPU two batches
+  at a time, each in a thread with half the intra-op threads: ``activations.default_workers``);
+* ``capture_all_one_stream``: the same with ``workers=1``, one batch at a time on all threads;
 * ``capture_all_3pool``: the same with the default three poolings;
 * ``capture_l20``: ``capture_activations(layers=[20])``, which stops after block 20;
 * ``backbone_same_batches``: ``lm.backbone`` without hooks on exactly the batches ``capture_all`` forms
@@ -47,6 +49,8 @@ RATIOS = (
     ("capture_all", "backbone_naive"),
     ("capture_all", "backbone_bucketed"),
     ("capture_all", "backbone_same_batches"),
+    ("capture_all", "capture_all_one_stream"),
+    ("capture_all_one_stream", "paper_loop"),
     ("capture_all", "paper_loop"),
     ("capture_all_3pool", "backbone_naive"),
     ("capture_l20", "paper_loop"),
@@ -132,6 +136,7 @@ def build_variants(lm: Any, convs: list[Conversation]) -> dict[str, Callable[[],
         "backbone_same_batches": lambda: forward_batches(lm.backbone, same),
         "paper_loop": lambda: paper_loop(lm, encoded),
         "capture_all": lambda: capture_activations(lm, convs, poolings=rm),
+        "capture_all_one_stream": lambda: capture_activations(lm, convs, poolings=rm, workers=1),
         "capture_all_3pool": lambda: capture_activations(lm, convs),
         "capture_l20": lambda: capture_activations(lm, convs, layers=[20], poolings=rm),
     }

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from personavec.activations import (
+    BatchLayout,
     capture_activations,
     default_max_padding,
+    default_workers,
     iter_activations,
     length_batches,
     pad_batch,
+    response_mean,
 )
 from personavec.conversations import encode
 from personavec.errors import PersonavecError
 from personavec.models import LoadedModel
 
 from .conftest import CONVERSATIONS, tiny
+from .helpers import random_vector
 
 
 def reference(lm: LoadedModel, conversation: list[dict[str, str]]) -> tuple[list[torch.Tensor], int]:
@@ -140,3 +146,95 @@ def test_bad_input_errors() -> None:
 
     acts = capture_activations(lm, [[{"role": "user", "content": "hi"}]], poolings=[last_prompt])
     assert acts["last_prompt"].shape == (1, 4, 32)
+
+
+def _varied_conversations(n: int) -> list[list[dict[str, str]]]:
+    # Different lengths, so length bucketing makes many batches of different widths.
+    return [
+        [
+            {"role": "user", "content": "question " * (1 + i % 7)},
+            {"role": "assistant", "content": "answer " * (1 + (3 * i) % 11)},
+        ]
+        for i in range(n)
+    ]
+
+
+def _threads_seen() -> tuple[list[int], object]:
+    """A pooling that notes which thread ran it (poolings run inside the forward pass's thread)."""
+    seen: list[int] = []
+
+    def response_mean_noting_thread(hidden: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        seen.append(threading.get_ident())
+        return response_mean(hidden, layout)
+
+    return seen, response_mean_noting_thread
+
+
+def test_parallel_workers_give_the_same_results_as_one() -> None:
+    lm = tiny("llama", n_layers=3)
+    convs = _varied_conversations(24)
+    kwargs = dict(tokens=True, batch_size=3, token_budget=400)
+    one = capture_activations(lm, convs, workers=1, **kwargs)  # type: ignore[arg-type]
+    seen, noting = _threads_seen()
+    threads_before = torch.get_num_threads()
+    two = capture_activations(lm, convs, workers=2, poolings=[noting], **kwargs)  # type: ignore[arg-type]
+    # The work really ran on two threads other than this one, and this thread's setting is intact.
+    assert threading.get_ident() not in seen and len(set(seen)) == 2
+    assert torch.get_num_threads() == threads_before
+    torch.testing.assert_close(two["response_mean_noting_thread"], one["response_mean"], atol=1e-6, rtol=1e-6)
+    assert one.tokens is not None and two.tokens is not None
+    for a, b in zip(one.tokens, two.tokens):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    assert two.prompt_lens == one.prompt_lens
+
+
+def test_default_workers_two_on_a_multithreaded_cpu_only() -> None:
+    lm = tiny("gpt2")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert default_workers(lm) == 2
+        torch.set_num_threads(1)
+        assert default_workers(lm) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_other_hooks_on_the_model_keep_capture_on_one_thread() -> None:
+    # Steering keeps per-pass state (which positions are prompt), so two passes at once must not share
+    # it: under steering capture runs in the calling thread, with the same numbers as one at a time.
+    from personavec.steering import steer
+
+    lm = tiny("qwen2", n_layers=3)
+    convs = _varied_conversations(12)
+    vec = random_vector(lm)
+    seen, noting = _threads_seen()
+    with steer(lm, vec, layers=[1, 2], coef=2.0, positions="response"):
+        together = capture_activations(lm, convs, workers=2, poolings=[noting], batch_size=2)
+        alone = [capture_activations(lm, [c], poolings=[response_mean], workers=1) for c in convs]
+    assert set(seen) == {threading.get_ident()}
+    for i, single in enumerate(alone):
+        torch.testing.assert_close(
+            together["response_mean_noting_thread"][i], single["response_mean"][0], atol=1e-5, rtol=1e-5
+        )
+
+
+def test_leaving_a_stream_early_or_failing_leaves_no_hooks_or_threads() -> None:
+    lm = tiny("llama", n_layers=3)
+    convs = _varied_conversations(20)
+    threads_before = threading.active_count()
+    stream = iter_activations(lm, convs, batch_size=2, workers=2)
+    next(stream)
+    stream.close()
+    assert threading.active_count() == threads_before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
+
+    def broken(hidden: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        raise PersonavecError("pooling failed")
+
+    with pytest.raises(PersonavecError, match="pooling failed"):
+        capture_activations(lm, convs, poolings=[broken], batch_size=2, workers=2)
+    assert threading.active_count() == threads_before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
+    with pytest.raises(PersonavecError, match="at least 1"):
+        capture_activations(lm, convs, workers=0)

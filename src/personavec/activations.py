@@ -10,12 +10,19 @@ Batches are formed by length bucketing (longest first, then as many as fit in ``
 padding stays under ``max_padding``), so little compute is spent on padding. Each example's result does
 not depend on its batch: position ids are derived from the attention mask, so left and right padding
 give the same numbers as running it alone.
+
+On a CPU two batches run at once, each in its own thread with half the intra-op threads (see
+:func:`default_workers`); the hooks are registered once per call and each thread records into its own
+slot, so concurrent passes never see each other's results.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -150,6 +157,28 @@ def default_max_padding(device: torch.device) -> float:
     return 0.05 if device.type == "cpu" else 0.25
 
 
+def default_workers(lm: LoadedModel) -> int:
+    """How many batches :func:`iter_activations` runs at once on ``lm`` when not told.
+
+    Two on a CPU with at least two intra-op threads, one otherwise. On a CPU the matrices of a small
+    model are too small to split well across threads, which then wait on each other at every op; two
+    streams with half the threads each keep the cores busier (SmolLM2-135M on 2 cores, capture's own
+    batches: 723 tok/s against 625 for one stream with two threads, see ``bench/README.md``). An
+    accelerator gains nothing from it.
+    """
+    return 2 if lm.device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+
+
+def _has_other_hooks(model: torch.nn.Module) -> bool:
+    # Hooks we did not register (steering, a user's probes) may keep per-pass state, like steering's
+    # prompt/response tracker, that two concurrent passes would corrupt.
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def pad_batch(
     encoded: Sequence[Encoded], pad_id: int, padding_side: str, device: torch.device
 ) -> tuple[Tensor, BatchLayout, Tensor]:
@@ -208,6 +237,7 @@ def iter_activations(
     token_budget: int = 16384,
     max_padding: float | None = None,
     padding_side: str = "right",
+    workers: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Iterator[ExampleActivations]:
     """Stream pooled activations example by example (in bucketed order, not input order).
@@ -223,6 +253,9 @@ def iter_activations(
         max_padding: Most padding per batch, as a share of its padded tokens (default: 0.05 on a CPU,
             0.25 on an accelerator, see :func:`default_max_padding`).
         padding_side: ``right`` or ``left``; results are the same either way.
+        workers: Batches run at once, each in its own thread (default: :func:`default_workers`). One
+            is used whenever the model carries hooks of its own (steering, say), whose state two
+            concurrent passes could corrupt.
         on_batch: Called with the number of examples after each batch (progress bars).
 
     Yields:
@@ -244,39 +277,122 @@ def iter_activations(
         except PersonavecError as e:
             raise PersonavecError(f"conversation {i}: {e}") from None
     pad_id = int(lm.tokenizer.pad_token_id)
-    names = [p.__name__ for p in poolings]
 
     if max_padding is None:
         max_padding = default_max_padding(lm.device)
-    for batch in length_batches([len(e.ids) for e in encoded], batch_size, token_budget, max_padding):
-        ids, layout, positions = pad_batch([encoded[i] for i in batch], pad_id, padding_side, lm.device)
-        pooled, hidden = _forward_batch(lm, ids, layout, positions, wanted, poolings, keep_tokens=tokens)
-        for row, idx in enumerate(batch):
-            tok = None
-            if tokens:
-                valid = layout.attention_mask[row].bool()
-                tok = torch.stack([hidden[layer][row][valid] for layer in wanted], dim=1).cpu()
-            yield ExampleActivations(
-                idx,
-                {name: torch.stack([pooled[layer][name][row] for layer in wanted]).cpu() for name in names},
-                tok,
-                encoded[idx].prompt_len,
+    batches = length_batches([len(e.ids) for e in encoded], batch_size, token_budget, max_padding)
+    if workers is None:
+        workers = default_workers(lm)
+    if workers < 1:
+        raise PersonavecError(f"workers must be at least 1, not {workers}")
+    workers = min(workers, len(batches))
+    if workers > 1 and _has_other_hooks(lm.model):
+        workers = 1
+
+    with _layer_hooks(lm, wanted) as slot:
+
+        def run(batch: list[int]) -> list[ExampleActivations]:
+            return _run_batch(
+                lm, slot, [encoded[i] for i in batch], batch, pad_id, padding_side, wanted, poolings, tokens
             )
-        if on_batch is not None:
-            on_batch(len(batch))
+
+        # closing(): leaving early stops the workers while the hooks are still in place.
+        with contextlib.closing(_in_order(run, batches, workers)) as results:
+            for batch, examples in zip(batches, results):
+                yield from examples
+                if on_batch is not None:
+                    on_batch(len(batch))
 
 
-def _forward_batch(
+@contextlib.contextmanager
+def _layer_hooks(lm: LoadedModel, wanted: list[int]) -> Iterator[threading.local]:
+    """Hooks on the wanted layers for one capture call; a thread records by setting ``slot.record``.
+
+    Threads that have not set it (a caller's own forward passes between two yielded examples, or
+    another capture's workers) pass through untouched.
+    """
+    slot = threading.local()
+
+    def fire(layer: int, hidden: Tensor) -> None:
+        record = getattr(slot, "record", None)
+        if record is not None:
+            record(layer, hidden)
+
+    handles = []
+    try:
+        if 0 in wanted:
+            handles.append(
+                lm.blocks[0].register_forward_pre_hook(
+                    lambda _m, args, kwargs: fire(0, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True,
+                )
+            )
+        for layer in wanted:
+            if layer >= 1:
+                handles.append(
+                    lm.blocks[layer - 1].register_forward_hook(
+                        lambda _m, _a, out, layer=layer: fire(layer, _first_tensor(out))
+                    )
+                )
+        yield slot
+    finally:
+        for h in handles:
+            h.remove()
+
+
+_AHEAD = 2
+
+
+def _in_order(
+    run: Callable[[list[int]], list[ExampleActivations]], batches: list[list[int]], workers: int
+) -> Generator[list[ExampleActivations], None, None]:
+    """``map(run, batches)``; with ``workers > 1`` on that many threads, at most ``workers`` ahead.
+
+    Each thread gets an equal share of the caller's intra-op threads. The window bounds memory to a
+    few batches whatever the data size; closing the generator cancels what has not started and waits
+    for what has.
+    """
+    if workers == 1:
+        yield from map(run, batches)
+        return
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(
+        workers, initializer=torch.set_num_threads, initargs=(max(1, threads // workers),)
+    )
+    pending: deque[Future[list[ExampleActivations]]] = deque()
+    todo = iter(batches)
+    try:
+        for batch in todo:
+            pending.append(pool.submit(run, batch))
+            if len(pending) == _AHEAD * workers:
+                break
+        while pending:
+            done = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(run, nxt))
+            yield done
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
+        # The workers' set_num_threads also resized torch's process-wide pthreadpool; give it back.
+        torch.set_num_threads(threads)
+
+
+def _run_batch(
     lm: LoadedModel,
-    ids: Tensor,
-    layout: BatchLayout,
-    positions: Tensor,
+    slot: threading.local,
+    encoded: list[Encoded],
+    indices: list[int],
+    pad_id: int,
+    padding_side: str,
     wanted: list[int],
     poolings: Sequence[Pooling],
-    *,
     keep_tokens: bool,
-) -> tuple[dict[int, dict[str, Tensor]], dict[int, Tensor]]:
-    """One hooked backbone pass; returns pooled results (and full hidden states if asked) per layer."""
+) -> list[ExampleActivations]:
+    """Pad one batch, run one backbone pass, and split the results into per-example records."""
+    ids, layout, positions = pad_batch(encoded, pad_id, padding_side, lm.device)
     pooled: dict[int, dict[str, Tensor]] = {}
     hidden: dict[int, Tensor] = {}
     deepest = wanted[-1]
@@ -289,30 +405,27 @@ def _forward_batch(
         if layer == deepest:
             raise _StopForward
 
-    handles = []
+    slot.record = record
     try:
-        if 0 in wanted:
-            handles.append(
-                lm.blocks[0].register_forward_pre_hook(
-                    lambda _m, args, kwargs: record(0, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True,
-                )
-            )
-        for layer in wanted:
-            if layer >= 1:
-                handles.append(
-                    lm.blocks[layer - 1].register_forward_hook(
-                        lambda _m, _a, out, layer=layer: record(layer, _first_tensor(out))
-                    )
-                )
         with torch.inference_mode(), contextlib.suppress(_StopForward):
             lm.backbone(
                 input_ids=ids, attention_mask=forward_mask(layout), position_ids=positions, use_cache=False
             )
     finally:
-        for h in handles:
-            h.remove()
-    return pooled, hidden
+        slot.record = None
+
+    names = [p.__name__ for p in poolings]
+    out = []
+    for row, (idx, enc) in enumerate(zip(indices, encoded)):
+        tok = None
+        if keep_tokens:
+            valid = layout.attention_mask[row].bool()
+            tok = torch.stack([hidden[layer][row][valid] for layer in wanted], dim=1).cpu()
+        pooled_row = {
+            name: torch.stack([pooled[layer][name][row] for layer in wanted]).cpu() for name in names
+        }
+        out.append(ExampleActivations(idx, pooled_row, tok, enc.prompt_len))
+    return out
 
 
 def capture_activations(
@@ -326,6 +439,7 @@ def capture_activations(
     token_budget: int = 16384,
     max_padding: float | None = None,
     padding_side: str = "right",
+    workers: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Activations:
     """Capture pooled activations for every conversation, returned in input order.
@@ -351,6 +465,7 @@ def capture_activations(
         token_budget=token_budget,
         max_padding=max_padding,
         padding_side=padding_side,
+        workers=workers,
         on_batch=on_batch,
     ):
         for name, t in ex.pooled.items():
