@@ -11,7 +11,6 @@ from personavec.activations import (
     BatchLayout,
     capture_activations,
     default_max_padding,
-    default_workers,
     iter_activations,
     length_batches,
     pad_batch,
@@ -186,18 +185,6 @@ def test_parallel_workers_give_the_same_results_as_one() -> None:
     for a, b in zip(one.tokens, two.tokens):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
     assert two.prompt_lens == one.prompt_lens
-
-
-def test_default_workers_two_on_a_multithreaded_cpu_only() -> None:
-    lm = tiny("gpt2")
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert default_workers(lm) == 2
-        torch.set_num_threads(1)
-        assert default_workers(lm) == 1
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_other_hooks_on_the_model_keep_capture_on_one_thread() -> None:

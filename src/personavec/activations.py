@@ -12,17 +12,15 @@ not depend on its batch: position ids are derived from the attention mask, so le
 give the same numbers as running it alone.
 
 On a CPU two batches run at once, each in its own thread with half the intra-op threads (see
-:func:`default_workers`); the hooks are registered once per call and each thread records into its own
-slot, so concurrent passes never see each other's results.
+:mod:`personavec.parallel`); the hooks are registered once per call and each thread records into its
+own slot, so concurrent passes never see each other's results.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections import deque
-from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +30,7 @@ from personavec.conversations import Conversation, Encoded, encode
 from personavec.errors import PersonavecError
 from personavec.layers import check_layers
 from personavec.models import LoadedModel
+from personavec.parallel import choose_workers, ordered_map
 
 
 @dataclass(frozen=True)
@@ -157,28 +156,6 @@ def default_max_padding(device: torch.device) -> float:
     return 0.05 if device.type == "cpu" else 0.25
 
 
-def default_workers(lm: LoadedModel) -> int:
-    """How many batches :func:`iter_activations` runs at once on ``lm`` when not told.
-
-    Two on a CPU with at least two intra-op threads, one otherwise. On a CPU the matrices of a small
-    model are too small to split well across threads, which then wait on each other at every op; two
-    streams with half the threads each keep the cores busier (SmolLM2-135M on 2 cores, capture's own
-    batches: 723 tok/s against 625 for one stream with two threads, see ``bench/README.md``). An
-    accelerator gains nothing from it.
-    """
-    return 2 if lm.device.type == "cpu" and torch.get_num_threads() >= 2 else 1
-
-
-def _has_other_hooks(model: torch.nn.Module) -> bool:
-    # Hooks we did not register (steering, a user's probes) may keep per-pass state, like steering's
-    # prompt/response tracker, that two concurrent passes would corrupt.
-    from torch.nn.modules import module as torch_module
-
-    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
 def pad_batch(
     encoded: Sequence[Encoded], pad_id: int, padding_side: str, device: torch.device
 ) -> tuple[Tensor, BatchLayout, Tensor]:
@@ -253,9 +230,9 @@ def iter_activations(
         max_padding: Most padding per batch, as a share of its padded tokens (default: 0.05 on a CPU,
             0.25 on an accelerator, see :func:`default_max_padding`).
         padding_side: ``right`` or ``left``; results are the same either way.
-        workers: Batches run at once, each in its own thread (default: :func:`default_workers`). One
-            is used whenever the model carries hooks of its own (steering, say), whose state two
-            concurrent passes could corrupt.
+        workers: Batches run at once, each in its own thread (default: 2 on a CPU, 1 on an
+            accelerator; always 1 while the model carries other hooks, such as steering's, see
+            :func:`personavec.parallel.choose_workers`).
         on_batch: Called with the number of examples after each batch (progress bars).
 
     Yields:
@@ -281,13 +258,8 @@ def iter_activations(
     if max_padding is None:
         max_padding = default_max_padding(lm.device)
     batches = length_batches([len(e.ids) for e in encoded], batch_size, token_budget, max_padding)
-    if workers is None:
-        workers = default_workers(lm)
-    if workers < 1:
-        raise PersonavecError(f"workers must be at least 1, not {workers}")
-    workers = min(workers, len(batches))
-    if workers > 1 and _has_other_hooks(lm.model):
-        workers = 1
+    # Chosen before our own hooks go in: other hooks on the model keep capture on one stream.
+    workers = choose_workers(lm, workers, len(batches))
 
     with _layer_hooks(lm, wanted) as slot:
 
@@ -297,7 +269,7 @@ def iter_activations(
             )
 
         # closing(): leaving early stops the workers while the hooks are still in place.
-        with contextlib.closing(_in_order(run, batches, workers)) as results:
+        with contextlib.closing(ordered_map(run, batches, workers)) as results:
             for batch, examples in zip(batches, results):
                 yield from examples
                 if on_batch is not None:
@@ -338,46 +310,6 @@ def _layer_hooks(lm: LoadedModel, wanted: list[int]) -> Iterator[threading.local
     finally:
         for h in handles:
             h.remove()
-
-
-_AHEAD = 2
-
-
-def _in_order(
-    run: Callable[[list[int]], list[ExampleActivations]], batches: list[list[int]], workers: int
-) -> Generator[list[ExampleActivations], None, None]:
-    """``map(run, batches)``; with ``workers > 1`` on that many threads, at most ``workers`` ahead.
-
-    Each thread gets an equal share of the caller's intra-op threads. The window bounds memory to a
-    few batches whatever the data size; closing the generator cancels what has not started and waits
-    for what has.
-    """
-    if workers == 1:
-        yield from map(run, batches)
-        return
-    threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(
-        workers, initializer=torch.set_num_threads, initargs=(max(1, threads // workers),)
-    )
-    pending: deque[Future[list[ExampleActivations]]] = deque()
-    todo = iter(batches)
-    try:
-        for batch in todo:
-            pending.append(pool.submit(run, batch))
-            if len(pending) == _AHEAD * workers:
-                break
-        while pending:
-            done = pending.popleft().result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append(pool.submit(run, nxt))
-            yield done
-    finally:
-        for f in pending:
-            f.cancel()
-        pool.shutdown(wait=True)
-        # The workers' set_num_threads also resized torch's process-wide pthreadpool; give it back.
-        torch.set_num_threads(threads)
 
 
 def _run_batch(

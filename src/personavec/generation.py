@@ -7,7 +7,8 @@ would have written. Steering composes by wrapping any call in :func:`personavec.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,6 +18,7 @@ from personavec.activations import pad_batch
 from personavec.conversations import Conversation, encode
 from personavec.errors import PersonavecError
 from personavec.models import LoadedModel
+from personavec.parallel import choose_workers, ordered_map
 from personavec.store import JsonlStore, record_key
 from personavec.traits.spec import TraitSpec
 
@@ -66,28 +68,22 @@ class _PerRowSampler(LogitsProcessor):
         return out  # type: ignore[return-value]
 
 
-def generate(
+def iter_generate(
     lm: LoadedModel,
     conversations: Sequence[Conversation],
     params: SamplingParams | None = None,
     *,
     seeds: Sequence[int] | None = None,
     batch_size: int = 16,
-) -> list[str]:
-    """Answer each conversation (its last message should be a user turn).
+    workers: int | None = None,
+) -> Iterator[list[str]]:
+    """Answer conversations batch by batch, yielding each batch's answers in input order.
 
-    Args:
-        lm: The loaded model.
-        conversations: Prompts as chat conversations.
-        params: Sampling parameters (greedy, 64 tokens by default).
-        seeds: One seed per conversation for sampling (default: its index); ignored when greedy.
-        batch_size: Conversations per ``generate`` call.
+    Takes the same arguments as :func:`generate`; a caller that saves each batch as it comes loses at
+    most the batches in flight when something fails.
 
-    Returns:
-        One answer string per conversation, in input order.
-
-    Raises:
-        PersonavecError: On an empty input or a malformed conversation.
+    Yields:
+        The answers to ``conversations[i : i + batch_size]``, for i = 0, batch_size, ...
     """
     params = params or SamplingParams()
     if not conversations:
@@ -99,8 +95,9 @@ def generate(
         raise PersonavecError("a prompt ends with an assistant message: remove it to generate a new answer")
     row_seeds = list(seeds) if seeds is not None else list(range(len(conversations)))
     pad_id = int(lm.tokenizer.pad_token_id)
-    answers: list[str] = []
-    for start in range(0, len(encoded), batch_size):
+    starts = list(range(0, len(encoded), batch_size))
+
+    def run(start: int) -> list[str]:
         chunk = encoded[start : start + batch_size]
         ids, layout, _ = pad_batch(chunk, pad_id, "left", lm.device)
         processors = LogitsProcessorList()
@@ -119,9 +116,43 @@ def generate(
                 top_k=None,
                 logits_processor=processors,
             )
-        for row in out[:, ids.shape[1] :]:
-            answers.append(lm.tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers
+        return [lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]]
+
+    # Steered or monitored generation (hooks on the model) stays on one stream: see choose_workers.
+    workers = choose_workers(lm, workers, len(starts))
+    with contextlib.closing(ordered_map(run, starts, workers)) as results:
+        yield from results
+
+
+def generate(
+    lm: LoadedModel,
+    conversations: Sequence[Conversation],
+    params: SamplingParams | None = None,
+    *,
+    seeds: Sequence[int] | None = None,
+    batch_size: int = 16,
+    workers: int | None = None,
+) -> list[str]:
+    """Answer each conversation (its last message should be a user turn).
+
+    Args:
+        lm: The loaded model.
+        conversations: Prompts as chat conversations.
+        params: Sampling parameters (greedy, 64 tokens by default).
+        seeds: One seed per conversation for sampling (default: its index); ignored when greedy.
+        batch_size: Conversations per ``generate`` call.
+        workers: Batches generated at once, each in its own thread (default: 2 on a CPU, 1 on an
+            accelerator; always 1 while the model carries hooks, e.g. inside ``steer``, see
+            :func:`personavec.parallel.choose_workers`).
+
+    Returns:
+        One answer string per conversation, in input order.
+
+    Raises:
+        PersonavecError: On an empty input or a malformed conversation.
+    """
+    batches = iter_generate(lm, conversations, params, seeds=seeds, batch_size=batch_size, workers=workers)
+    return [answer for batch in batches for answer in batch]
 
 
 @dataclass(frozen=True)
@@ -242,12 +273,13 @@ def generate_responses(
     n_questions: int | None = None,
     one_pair_per_question: bool = False,
     batch_size: int = 16,
+    workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[ResponseRow]:
     """Answer the trait's questions under its positive and negative system prompts (resumable).
 
     Rows already in ``store`` are reused; the rest are generated in batches and appended to the store
-    as each batch finishes, so a killed run loses at most the batch in flight.
+    as each batch finishes, so a killed run loses at most the batches in flight.
 
     Args:
         lm: The target model.
@@ -260,6 +292,7 @@ def generate_responses(
         n_questions: Use only the first questions.
         one_pair_per_question: Cycle pairs over questions instead of crossing them.
         batch_size: Prompts per ``generate`` call.
+        workers: Batches generated at once (see :func:`generate`).
         on_progress: Called with the number of rows finished (including reused ones).
 
     Returns:
@@ -279,15 +312,17 @@ def generate_responses(
     todo = [r for r in plan if str(r["key"]) not in store]
     if on_progress is not None and len(plan) > len(todo):
         on_progress(len(plan) - len(todo))
-    for start in range(0, len(todo), batch_size):
+    if not todo:
+        return [ResponseRow.from_record(store.get(str(r["key"])) or {}) for r in plan]
+    convs = [
+        [{"role": "system", "content": str(r["system"])}, {"role": "user", "content": str(r["question"])}]
+        for r in todo
+    ]
+    # The row seed comes from the key, so a row's answer is the same whatever batch it lands in.
+    seeds = [int(str(r["key"])[:8], 16) for r in todo]
+    batches = iter_generate(lm, convs, params, seeds=seeds, batch_size=batch_size, workers=workers)
+    for start, answers in zip(range(0, len(todo), batch_size), batches):
         batch = todo[start : start + batch_size]
-        convs = [
-            [{"role": "system", "content": str(r["system"])}, {"role": "user", "content": str(r["question"])}]
-            for r in batch
-        ]
-        # The row seed comes from the key, so a row's answer is the same whatever batch it lands in.
-        seeds = [int(str(r["key"])[:8], 16) for r in batch]
-        answers = generate(lm, convs, params, seeds=seeds, batch_size=batch_size)
         store.append([{**r, "answer": a} for r, a in zip(batch, answers, strict=True)])
         if on_progress is not None:
             on_progress(len(batch))

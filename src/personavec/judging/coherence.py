@@ -14,6 +14,7 @@ calibrated score is multiplied by the share of word 3-grams that are not repeats
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -27,6 +28,7 @@ from personavec.activations import default_max_padding, forward_mask, length_bat
 from personavec.conversations import Encoded, encode
 from personavec.judging.base import JudgeItem
 from personavec.models import LoadedModel
+from personavec.parallel import choose_workers, ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,7 @@ class PerplexityCoherence:
         name: ``perplexity:<model fingerprint>``.
         lm: The (unsteered) model that scores answers.
         calibration: ``(fluent mean, shuffled mean)`` log-likelihood per token of the references.
+        workers: Batches scored at once on a CPU (``None``: see :func:`personavec.parallel.choose_workers`).
     """
 
     def __init__(
@@ -146,12 +149,14 @@ class PerplexityCoherence:
         batch_size: int = 16,
         token_budget: int = 2048,
         max_answer_tokens: int = 512,
+        workers: int | None = None,
     ) -> None:
         self.lm = lm
         self.name = f"perplexity:{lm.info.fingerprint}"
         self.batch_size = batch_size
         self.token_budget = token_budget
         self.max_answer_tokens = max_answer_tokens
+        self.workers = workers
         try:
             self._keep_arg = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
         except (TypeError, ValueError):
@@ -194,11 +199,16 @@ class PerplexityCoherence:
         pad_id = int(self.lm.tokenizer.pad_token_id)
         lengths = [len(encoded[k].ids) for k in keep]
         padding = default_max_padding(self.lm.device)
-        for batch in length_batches(lengths, self.batch_size, self.token_budget, padding):
-            encs = [encoded[keep[b]] for b in batch]
-            means = self._batch_means(encs, pad_id)
-            for b, m in zip(batch, means):
-                out[idx[keep[b]]] = m
+        batches = length_batches(lengths, self.batch_size, self.token_budget, padding)
+
+        def run(batch: list[int]) -> list[float]:
+            return self._batch_means([encoded[keep[b]] for b in batch], pad_id)
+
+        workers = choose_workers(self.lm, self.workers, len(batches))
+        with contextlib.closing(ordered_map(run, batches, workers)) as results:
+            for batch, means in zip(batches, results):
+                for b, m in zip(batch, means):
+                    out[idx[keep[b]]] = m
         return out
 
     def _batch_means(self, encs: Sequence[Encoded], pad_id: int) -> list[float]:

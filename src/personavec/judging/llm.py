@@ -9,6 +9,7 @@ a local model, with no sampling at all.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -26,6 +27,7 @@ from personavec.errors import PersonavecError
 from personavec.judging.base import JudgeItem
 from personavec.llm import ChatClient, Completion
 from personavec.models import LoadedModel
+from personavec.parallel import choose_workers, ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +173,20 @@ class LocalJudge:
         name: ``local:<model id>``.
         lm: The judge model.
         single_token: Whether every number is one token (the one-pass path).
+        workers: Items scored at once on a CPU (``None``: see :func:`personavec.parallel.choose_workers`).
     """
 
     def __init__(
-        self, lm: LoadedModel, template: Template, name: str | None = None, *, batch_size: int = 16
+        self,
+        lm: LoadedModel,
+        template: Template,
+        name: str | None = None,
+        *,
+        batch_size: int = 16,
+        workers: int | None = None,
     ) -> None:
         self.lm = lm
+        self.workers = workers
         self.template = template
         self.name = name or f"local:{lm.info.id}"
         self.batch_size = max(1, batch_size)
@@ -247,7 +257,10 @@ class LocalJudge:
         if self.single_token:
             return self._single_token(encoded)
         score_one = self._tree if self.tree else self._multi_token
-        return torch.stack([score_one(e) for e in encoded])
+        # One item per pass, so items are independent batches for parallel CPU streams.
+        workers = choose_workers(self.lm, self.workers, len(encoded))
+        with contextlib.closing(ordered_map(score_one, encoded, workers)) as rows:
+            return torch.stack(list(rows))
 
     def score(self, items: Sequence[JudgeItem]) -> list[float | None]:
         """Expected score 0-100 for each item, in input order."""

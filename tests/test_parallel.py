@@ -1,0 +1,128 @@
+"""Parallel CPU streams: ordering, clean-up, when they are used, and that they change no result."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from personavec.errors import PersonavecError
+from personavec.generation import SamplingParams, generate
+from personavec.models import LoadedModel
+from personavec.parallel import choose_workers, default_workers, ordered_map
+from personavec.steering import steer
+
+from .conftest import tiny
+from .helpers import random_vector
+
+SAMPLED = SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.9, seed=7)
+PROMPTS = [[{"role": "user", "content": f"Question {i}" + "?" * (i % 4)}] for i in range(10)]
+
+
+def test_ordered_map_keeps_input_order_and_uses_worker_threads() -> None:
+    seen: list[int] = []
+
+    def slow_first(x: int) -> int:
+        seen.append(threading.get_ident())
+        time.sleep(0.05 if x == 0 else 0.0)  # item 0 finishes last
+        return x * x
+
+    assert list(ordered_map(slow_first, range(12), workers=3)) == [x * x for x in range(12)]
+    assert threading.get_ident() not in seen and len(set(seen)) >= 2
+    assert list(ordered_map(slow_first, [], workers=2)) == []
+
+
+def test_ordered_map_gives_each_worker_its_share_of_threads_and_restores_ours() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        shares = list(ordered_map(lambda _x: torch.get_num_threads(), range(4), workers=2))
+        assert shares == [2, 2, 2, 2]
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_ordered_map_errors_and_early_exit_leave_no_threads() -> None:
+    threads = threading.active_count()
+    started: list[int] = []
+
+    def fail_at_3(x: int) -> int:
+        started.append(x)
+        if x == 3:
+            raise ValueError("item 3 failed")
+        return x
+
+    with pytest.raises(ValueError, match="item 3"):
+        list(ordered_map(fail_at_3, range(100), workers=2))
+    assert threading.active_count() == threads
+    assert len(started) < 100  # at most a window ahead of the failure, not the whole input
+
+    stream = ordered_map(lambda x: x, range(100), workers=2)
+    assert next(stream) == 0
+    stream.close()
+    assert threading.active_count() == threads
+
+
+def test_default_and_chosen_workers() -> None:
+    lm = tiny("gpt2")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert default_workers(torch.device("cpu")) == 2
+        assert default_workers(torch.device("cuda")) == 1
+        assert choose_workers(lm, None, n_batches=5) == 2
+        assert choose_workers(lm, 4, n_batches=3) == 3  # never more streams than batches
+        assert choose_workers(lm, 4, n_batches=0) == 1
+        with steer(lm, random_vector(lm), layers=[1]):
+            assert choose_workers(lm, 2, n_batches=5) == 1  # hooks keep per-pass state
+        assert choose_workers(lm, 2, n_batches=5) == 2
+        torch.set_num_threads(1)
+        assert default_workers(torch.device("cpu")) == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(PersonavecError, match="at least 1"):
+        choose_workers(lm, 0, n_batches=5)
+
+
+@contextlib.contextmanager
+def _generate_threads(lm: LoadedModel) -> Iterator[list[int]]:
+    """Which threads call ``lm.model.generate`` (a wrapper, not a hook: hooks would force one stream)."""
+    seen: list[int] = []
+    original: Callable[..., Any] = lm.model.generate  # type: ignore[assignment]
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        seen.append(threading.get_ident())
+        return original(*args, **kwargs)
+
+    lm.model.generate = wrapper  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        del lm.model.generate
+
+
+def test_parallel_generation_gives_the_same_answers() -> None:
+    lm = tiny("llama", n_layers=2)
+    seeds = [3 * i + 1 for i in range(len(PROMPTS))]
+    one = generate(lm, PROMPTS, SAMPLED, seeds=seeds, batch_size=3, workers=1)
+    with _generate_threads(lm) as seen:
+        two = generate(lm, PROMPTS, SAMPLED, seeds=seeds, batch_size=3, workers=2)
+    assert two == one
+    assert len(seen) == 4 and threading.get_ident() not in seen and len(set(seen)) == 2
+
+
+def test_steered_generation_stays_on_the_calling_thread() -> None:
+    lm = tiny("qwen2", n_layers=2)
+    vec = random_vector(lm, scale=4.0)
+    with steer(lm, vec, layers=[1], coef=3.0, positions="response"), _generate_threads(lm) as seen:
+        together = generate(lm, PROMPTS, SAMPLED, batch_size=3, workers=2)
+    assert set(seen) == {threading.get_ident()}
+    with steer(lm, vec, layers=[1], coef=3.0, positions="response"):
+        one = generate(lm, PROMPTS, SAMPLED, batch_size=3, workers=1)
+    assert together == one
