@@ -126,3 +126,22 @@ def test_steered_generation_stays_on_the_calling_thread() -> None:
     with steer(lm, vec, layers=[1], coef=3.0, positions="response"):
         one = generate(lm, PROMPTS, SAMPLED, batch_size=3, workers=1)
     assert together == one
+
+
+def test_parallel_judges_give_the_same_scores() -> None:
+    from personavec.judging.base import JudgeItem
+    from personavec.judging.coherence import PerplexityCoherence
+    from personavec.judging.llm import LocalJudge
+
+    lm = tiny("llama", n_layers=2)
+    items = [JudgeItem(f"Question {i}?", "An answer " * (1 + i % 5)) for i in range(9)]
+    one = PerplexityCoherence(lm, batch_size=2, workers=1).log_likelihood(items)
+    two = PerplexityCoherence(lm, batch_size=2, workers=2).log_likelihood(items)
+    assert two == pytest.approx(one, abs=1e-6)
+
+    def rubric(question: str, answer: str) -> str:
+        return f"Q: {question}\nA: {answer}\nScore 0-100:"
+
+    judged_one = LocalJudge(lm, rubric, workers=1).score(items[:4])
+    judged_two = LocalJudge(lm, rubric, workers=2).score(items[:4])
+    assert judged_two == pytest.approx(judged_one, abs=1e-6)
