@@ -74,7 +74,9 @@ CAPTURE_VARIANTS = {
     "backbone_bucketed": "(b') backbone only, sorted by length, batches of 8",
     "backbone_same_batches": "(b'') backbone only, on the batches capture forms (no hooks)",
     "paper_loop": "(c) paper: 1 example at a time, full LM, output_hidden_states",
-    "capture_all": "(d) capture_activations, all layers, response_mean (2 batches at once, 1 intra-op thread each)",
+    "capture_all": (
+        "(d) capture_activations, all layers, response_mean (2 batches at once, 1 intra-op thread each)"
+    ),
     "capture_all_one_stream": "(d1) the same with workers=1 (1 batch at a time, 2 intra-op threads)",
     "capture_all_3pool": "(d') capture_activations, all layers, 3 default poolings",
     "capture_l20": "(e) capture_activations, layers=[20]",
