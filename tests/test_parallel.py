@@ -145,3 +145,33 @@ def test_parallel_judges_give_the_same_scores() -> None:
     judged_one = LocalJudge(lm, rubric, workers=1).score(items[:4])
     judged_two = LocalJudge(lm, rubric, workers=2).score(items[:4])
     assert judged_two == pytest.approx(judged_one, abs=1e-6)
+
+
+def test_hooks_added_inside_a_loop_over_a_parallel_stream_fail_loudly() -> None:
+    # Streams run a few batches ahead: steering entered in the loop body would reach batches already
+    # under way, so workers refuse to go on rather than mix steered and unsteered results.
+    from personavec.activations import iter_activations
+    from personavec.generation import iter_generate
+
+    lm = tiny("llama", n_layers=3)
+    vec = random_vector(lm)
+    convs = [
+        [{"role": "user", "content": "q " * (1 + i % 5)}, {"role": "assistant", "content": "a"}]
+        for i in range(30)
+    ]
+    stream = iter_activations(lm, convs, batch_size=1, workers=2)
+    next(stream)
+    with pytest.raises(PersonavecError, match="workers=1"), steer(lm, vec, layers=[1]):
+        for _ in stream:
+            pass
+    answers = iter_generate(lm, PROMPTS, SAMPLED, batch_size=1, workers=2)
+    next(answers)
+    with pytest.raises(PersonavecError, match="workers=1"), steer(lm, vec, layers=[1]):
+        for _ in answers:
+            pass
+    # One stream runs nothing ahead, so the same loop is fine there.
+    stream = iter_activations(lm, convs, batch_size=1, workers=1)
+    next(stream)
+    with steer(lm, vec, layers=[1]):
+        assert len(list(stream)) == len(convs) - 1
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())

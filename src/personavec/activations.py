@@ -30,7 +30,7 @@ from personavec.conversations import Conversation, Encoded, encode
 from personavec.errors import PersonavecError
 from personavec.layers import check_layers
 from personavec.models import LoadedModel
-from personavec.parallel import choose_workers, ordered_map
+from personavec.parallel import check_no_new_hooks, choose_workers, ordered_map
 
 
 @dataclass(frozen=True)
@@ -261,12 +261,17 @@ def iter_activations(
     # Chosen before our own hooks go in: other hooks on the model keep capture on one stream.
     workers = choose_workers(lm, workers, len(batches))
 
-    with _layer_hooks(lm, wanted) as slot:
+    with _layer_hooks(lm, wanted) as (slot, ours):
 
         def run(batch: list[int]) -> list[ExampleActivations]:
-            return _run_batch(
+            if workers > 1:
+                check_no_new_hooks(lm.model, ours)
+            examples = _run_batch(
                 lm, slot, [encoded[i] for i in batch], batch, pad_id, padding_side, wanted, poolings, tokens
             )
+            if workers > 1:
+                check_no_new_hooks(lm.model, ours)
+            return examples
 
         # closing(): leaving early stops the workers while the hooks are still in place.
         with contextlib.closing(ordered_map(run, batches, workers)) as results:
@@ -277,8 +282,10 @@ def iter_activations(
 
 
 @contextlib.contextmanager
-def _layer_hooks(lm: LoadedModel, wanted: list[int]) -> Iterator[threading.local]:
+def _layer_hooks(lm: LoadedModel, wanted: list[int]) -> Iterator[tuple[threading.local, set[int]]]:
     """Hooks on the wanted layers for one capture call; a thread records by setting ``slot.record``.
+
+    Yields the slot and the ids of the hooks.
 
     Threads that have not set it (a caller's own forward passes between two yielded examples, or
     another capture's workers) pass through untouched.
@@ -306,7 +313,7 @@ def _layer_hooks(lm: LoadedModel, wanted: list[int]) -> Iterator[threading.local
                         lambda _m, _a, out, layer=layer: fire(layer, _first_tensor(out))
                     )
                 )
-        yield slot
+        yield slot, {h.id for h in handles}
     finally:
         for h in handles:
             h.remove()

@@ -18,7 +18,7 @@ from personavec.activations import pad_batch
 from personavec.conversations import Conversation, encode
 from personavec.errors import PersonavecError
 from personavec.models import LoadedModel
-from personavec.parallel import choose_workers, ordered_map
+from personavec.parallel import check_no_new_hooks, choose_workers, ordered_map
 from personavec.store import JsonlStore, record_key
 from personavec.traits.spec import TraitSpec
 
@@ -96,8 +96,12 @@ def iter_generate(
     row_seeds = list(seeds) if seeds is not None else list(range(len(conversations)))
     pad_id = int(lm.tokenizer.pad_token_id)
     starts = list(range(0, len(encoded), batch_size))
+    # Steered or monitored generation (hooks on the model) stays on one stream: see choose_workers.
+    streams = choose_workers(lm, workers, len(starts))
 
-    def run(start: int) -> list[str]:
+    def run(start: int) -> torch.Tensor:
+        if streams > 1:
+            check_no_new_hooks(lm.model)
         chunk = encoded[start : start + batch_size]
         ids, layout, _ = pad_batch(chunk, pad_id, "left", lm.device)
         processors = LogitsProcessorList()
@@ -116,12 +120,14 @@ def iter_generate(
                 top_k=None,
                 logits_processor=processors,
             )
-        return [lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1] :]]
+        if streams > 1:
+            check_no_new_hooks(lm.model)
+        return out[:, ids.shape[1] :]
 
-    # Steered or monitored generation (hooks on the model) stays on one stream: see choose_workers.
-    workers = choose_workers(lm, workers, len(starts))
-    with contextlib.closing(ordered_map(run, starts, workers)) as results:
-        yield from results
+    with contextlib.closing(ordered_map(run, starts, streams)) as results:
+        for new_tokens in results:
+            # Decoding here, in the caller's thread, keeps the tokenizer out of the worker threads.
+            yield [lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
 
 
 def generate(

@@ -14,7 +14,7 @@ the perplexity coherence judge and the local LLM judge.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -36,13 +36,39 @@ def default_workers(device: torch.device) -> int:
     return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
-def has_foreign_hooks(model: torch.nn.Module) -> bool:
-    """Whether any module of ``model`` (or the process) carries forward hooks."""
+def has_foreign_hooks(model: torch.nn.Module, ours: Collection[int] = ()) -> bool:
+    """Whether any module of ``model`` (or the process) carries forward hooks other than ``ours``.
+
+    Args:
+        model: The model.
+        ours: Ids of hooks to ignore (``RemovableHandle.id`` of the caller's own hooks).
+    """
     from torch.nn.modules import module as torch_module
 
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return any(
+        any(h not in ours for h in m._forward_hooks) or any(h not in ours for h in m._forward_pre_hooks)
+        for m in model.modules()
+    )
+
+
+def check_no_new_hooks(model: torch.nn.Module, ours: Collection[int] = ()) -> None:
+    """Raise if hooks appeared on ``model`` while batches run on parallel streams.
+
+    Streams run a few batches ahead of the caller, so hooks added in the body of a loop over a stream
+    (say ``steer()`` inside ``for ex in iter_activations(...)``) would reach batches already under
+    way. Workers call this before and after each pass, so that mistake fails loudly instead of mixing
+    steered and unsteered results.
+
+    Raises:
+        PersonavecError: If hooks other than ``ours`` are on the model.
+    """
+    if has_foreign_hooks(model, ours):
+        raise PersonavecError(
+            "hooks were added to the model while it ran batches on parallel streams (steer() or "
+            "monitoring inside a loop over a stream?): pass workers=1, or finish the stream first"
+        )
 
 
 def choose_workers(lm: LoadedModel, requested: int | None, n_batches: int) -> int:
