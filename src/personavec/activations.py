@@ -283,12 +283,10 @@ def iter_activations(
 
 @contextlib.contextmanager
 def _layer_hooks(lm: LoadedModel, wanted: list[int]) -> Iterator[tuple[threading.local, set[int]]]:
-    """Hooks on the wanted layers for one capture call; a thread records by setting ``slot.record``.
+    """Hooks on the wanted layers for one capture call; yields the slot and the hooks' ids.
 
-    Yields the slot and the ids of the hooks.
-
-    Threads that have not set it (a caller's own forward passes between two yielded examples, or
-    another capture's workers) pass through untouched.
+    A thread records by setting ``slot.record``; threads that have not set it (a caller's own forward
+    passes between two yielded examples, or another capture's workers) pass through untouched.
     """
     slot = threading.local()
 
