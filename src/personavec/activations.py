@@ -30,7 +30,7 @@ from personavec.conversations import Conversation, Encoded, encode
 from personavec.errors import PersonavecError
 from personavec.layers import check_layers
 from personavec.models import LoadedModel
-from personavec.parallel import check_no_new_hooks, choose_workers, ordered_map
+from personavec.parallel import choose_workers, ordered_map
 
 
 @dataclass(frozen=True)
@@ -264,17 +264,12 @@ def iter_activations(
     with _layer_hooks(lm, wanted) as (slot, ours):
 
         def run(batch: list[int]) -> list[ExampleActivations]:
-            if workers > 1:
-                check_no_new_hooks(lm.model, ours)
-            examples = _run_batch(
+            return _run_batch(
                 lm, slot, [encoded[i] for i in batch], batch, pad_id, padding_side, wanted, poolings, tokens
             )
-            if workers > 1:
-                check_no_new_hooks(lm.model, ours)
-            return examples
 
         # closing(): leaving early stops the workers while the hooks are still in place.
-        with contextlib.closing(ordered_map(run, batches, workers)) as results:
+        with contextlib.closing(ordered_map(run, batches, workers, model=lm.model, ours=ours)) as results:
             for batch, examples in zip(batches, results):
                 yield from examples
                 if on_batch is not None:

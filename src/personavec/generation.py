@@ -18,7 +18,7 @@ from personavec.activations import pad_batch
 from personavec.conversations import Conversation, encode
 from personavec.errors import PersonavecError
 from personavec.models import LoadedModel
-from personavec.parallel import check_no_new_hooks, choose_workers, ordered_map
+from personavec.parallel import choose_workers, ordered_map
 from personavec.store import JsonlStore, record_key
 from personavec.traits.spec import TraitSpec
 
@@ -100,8 +100,6 @@ def iter_generate(
     streams = choose_workers(lm, workers, len(starts))
 
     def run(start: int) -> torch.Tensor:
-        if streams > 1:
-            check_no_new_hooks(lm.model)
         chunk = encoded[start : start + batch_size]
         ids, layout, _ = pad_batch(chunk, pad_id, "left", lm.device)
         processors = LogitsProcessorList()
@@ -120,11 +118,9 @@ def iter_generate(
                 top_k=None,
                 logits_processor=processors,
             )
-        if streams > 1:
-            check_no_new_hooks(lm.model)
         return out[:, ids.shape[1] :]
 
-    with contextlib.closing(ordered_map(run, starts, streams)) as results:
+    with contextlib.closing(ordered_map(run, starts, streams, model=lm.model)) as results:
         for new_tokens in results:
             # Decoding here, in the caller's thread, keeps the tokenizer out of the worker threads.
             yield [lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]

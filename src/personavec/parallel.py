@@ -53,22 +53,25 @@ def has_foreign_hooks(model: torch.nn.Module, ours: Collection[int] = ()) -> boo
     )
 
 
-def check_no_new_hooks(model: torch.nn.Module, ours: Collection[int] = ()) -> None:
-    """Raise if hooks appeared on ``model`` while batches run on parallel streams.
+def _refusing_new_hooks(
+    fn: Callable[[T], R], model: torch.nn.Module, ours: Collection[int]
+) -> Callable[[T], R]:
+    """``fn``, checking before and after each call that ``model`` carries no hooks but ``ours``."""
 
-    Streams run a few batches ahead of the caller, so hooks added in the body of a loop over a stream
-    (say ``steer()`` inside ``for ex in iter_activations(...)``) would reach batches already under
-    way. Workers call this before and after each pass, so that mistake fails loudly instead of mixing
-    steered and unsteered results.
+    def check() -> None:
+        if has_foreign_hooks(model, ours):
+            raise PersonavecError(
+                "hooks were added to the model while it ran batches on parallel streams (steer() or "
+                "monitoring inside a loop over a stream?): pass workers=1, or finish the stream first"
+            )
 
-    Raises:
-        PersonavecError: If hooks other than ``ours`` are on the model.
-    """
-    if has_foreign_hooks(model, ours):
-        raise PersonavecError(
-            "hooks were added to the model while it ran batches on parallel streams (steer() or "
-            "monitoring inside a loop over a stream?): pass workers=1, or finish the stream first"
-        )
+    def checked(item: T) -> R:
+        check()
+        result = fn(item)
+        check()
+        return result
+
+    return checked
 
 
 def choose_workers(lm: LoadedModel, requested: int | None, n_batches: int) -> int:
@@ -89,17 +92,35 @@ def choose_workers(lm: LoadedModel, requested: int | None, n_batches: int) -> in
     return max(1, min(workers, n_batches))
 
 
-def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Generator[R, None, None]:
+def ordered_map(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    workers: int,
+    *,
+    model: torch.nn.Module | None = None,
+    ours: Collection[int] = (),
+) -> Generator[R, None, None]:
     """``map(fn, items)``, with ``workers > 1`` on that many threads, results in input order.
 
     Each thread gets an equal share of the caller's intra-op threads. At most ``_AHEAD * workers``
     items are started ahead of the one being handed out, so memory stays bounded whatever the data
     size. Closing the generator early cancels what has not started and waits for what has; an
     exception in ``fn`` reaches the caller when its item's turn comes.
+
+    Because items run ahead of the caller, hooks added to ``model`` in the body of a loop over the
+    result (say ``steer()`` inside ``for ex in iter_activations(...)``) would reach items already under
+    way. With ``model`` given and ``workers > 1``, each item checks before and after ``fn`` that
+    ``model`` carries no hooks but ``ours``, so that mistake fails loudly instead of mixing steered and
+    unsteered results.
+
+    Raises:
+        PersonavecError: From an item, if hooks other than ``ours`` appeared on ``model``.
     """
     if workers == 1:
         yield from map(fn, items)
         return
+    if model is not None:
+        fn = _refusing_new_hooks(fn, model, ours)
     threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(
         workers, initializer=torch.set_num_threads, initargs=(max(1, threads // workers),)
