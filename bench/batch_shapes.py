@@ -1,5 +1,10 @@
 """How much batching helps on this machine: backbone tokens/s at batch 1..32 of 200-token inputs.
 
+First, the ceiling under everything else: GFLOP/s of a plain ``linear`` with the embedded model's own
+weight shapes at 1 to 6,400 rows (one token, one short example, one ~200-token example, a batch of 32).
+Where a 200-row multiply already runs as fast as a 6,400-row one, batching cannot buy speed; only
+skipped work can.
+
 Also the paper's loop (full LM, ``output_hidden_states=True``, one example at a time), the LM with
 ``logits_to_keep=1`` on the same inputs, and batches of 4 run by two Python threads with one intra-op
 thread each against one stream with two intra-op threads. A diagnostic for the capture targets, not
@@ -30,8 +35,36 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def linear_gflops(rows: int, in_features: int, out_features: int, dtype: torch.dtype) -> float:
+    """GFLOP/s of ``x @ w.T`` for ``x`` of ``[rows, in_features]``, median of 5 after a warm-up."""
+    x = torch.randn(rows, in_features, dtype=dtype)
+    w = torch.randn(out_features, in_features, dtype=dtype)
+    reps = max(1, 200_000_000 // (rows * in_features * out_features))  # ~0.4 GFLOP per timed call
+
+    def call() -> None:
+        for _ in range(reps):
+            torch.nn.functional.linear(x, w)
+
+    sec = median_seconds(call, repeats=5)
+    return 2 * rows * in_features * out_features * reps / sec / 1e9
+
+
+def matmul_ceiling(lm: object) -> None:
+    """Print GFLOP/s for the model's linear shapes at several row counts, float32 and bfloat16."""
+    cfg = lm.model.config  # type: ignore[attr-defined]
+    d, ff = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    shapes = {"q/o proj": (d, d), "k/v proj": (d, kv), "gate/up": (d, ff), "down": (ff, d)}
+    shapes["LM head"] = (d, cfg.vocab_size)
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, (i, o) in shapes.items():
+            cells = [f"{rows} rows {linear_gflops(rows, i, o, dtype):.0f}" for rows in (1, 50, 200, 6400)]
+            print(f"GFLOP/s {str(dtype)[6:]}, {name} {i}x{o}: " + ", ".join(cells), flush=True)
+
+
 def main() -> None:
     lm = load_lm()
+    matmul_ceiling(lm)
     print(f"torch threads {torch.get_num_threads()}, attention {lm.model.config._attn_implementation}")
     tokens = TOTAL * LENGTH
     with torch.inference_mode():
