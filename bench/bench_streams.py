@@ -7,9 +7,13 @@ round on the same inputs:
 * capture: ``capture_activations`` over the 32 mixed-length conversations of ``bench_capture.py``;
 * generation: ``generate`` of 32 prompts, batches of 16, 48 sampled tokens;
 * perplexity judge: ``PerplexityCoherence.log_likelihood`` of 64 answers;
-* local judge: ``LocalJudge.score`` of 8 answers (the embedded model judging itself).
+* local judge: ``LocalJudge.score`` of 8 answers (the embedded model judging itself);
+* steering sweep: ``sweep`` of the demo vector on the evil trait, 2 layers x 4 strengths x 2
+  conditions x 8 questions plus the unsteered baselines (144 answers of 24 greedy tokens, 5 batches),
+  each call into a fresh store so nothing is cached.
 
-Run: ``HF_HUB_OFFLINE=1 python bench/bench_streams.py`` (about 10 minutes on 2 cores; ``--rounds``).
+Run: ``HF_HUB_OFFLINE=1 python bench/bench_streams.py --rounds 3`` (about 12 minutes on 2 cores;
+the default is 5 rounds).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,13 +38,16 @@ from common import (
 )
 
 from personavec.activations import capture_activations, response_mean
+from personavec.demo import demo_vector
 from personavec.generation import SamplingParams, generate
 from personavec.judging.base import JudgeItem
 from personavec.judging.coherence import PerplexityCoherence
 from personavec.judging.llm import LocalJudge
+from personavec.store import JsonlStore
+from personavec.sweep import sweep
 from personavec.traits.library import load_trait
 
-STEPS = ("capture", "generation", "perplexity judge", "local judge")
+STEPS = ("capture", "generation", "perplexity judge", "local judge", "steering sweep")
 
 
 def build(lm: Any, workers: int) -> dict[str, Callable[[], object]]:
@@ -52,11 +60,21 @@ def build(lm: Any, workers: int) -> dict[str, Callable[[], object]]:
     perplexity = PerplexityCoherence(lm, workers=workers)
     spec = load_trait("evil")
     local = LocalJudge(lm, spec.judge_prompt, workers=workers)
+    vector = demo_vector(lm)
+
+    def steering_sweep() -> object:
+        with tempfile.TemporaryDirectory() as tmp:
+            return sweep(
+                lm, vector, spec, layers=[10, 15], n_questions=8, params=SamplingParams(max_new_tokens=24),
+                store=JsonlStore(f"{tmp}/sweep.jsonl"), workers=workers,
+            )  # fmt: skip
+
     return {
         "capture": lambda: capture_activations(lm, convs, poolings=[response_mean], workers=workers),
         "generation": lambda: generate(lm, prompts, sampled, batch_size=16, workers=workers),
         "perplexity judge": lambda: perplexity.log_likelihood(items),
         "local judge": lambda: local.score(items[:8]),
+        "steering sweep": steering_sweep,
     }
 
 

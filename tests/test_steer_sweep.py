@@ -7,7 +7,10 @@ import math
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,6 +78,32 @@ def test_readback_equals_manual_projection_and_likelihood(tiny_lm: LoadedModel) 
 
 
 # -- the chooser on made-up cells --------------------------------------------------------------------
+def test_readback_ignores_passes_of_other_threads(tiny_lm: LoadedModel) -> None:
+    lm = tiny_lm
+    v = _vector(lm)
+    alone = read_back(lm, v, ITEMS, 2)
+    # After the blocks of each read-back pass (at its LM head), another thread runs a whole pass of its
+    # own through the same blocks, as the sweep's second stream does; the read-back must keep its own
+    # activations, not pick up the other pass's.
+    me = threading.get_ident()
+    other_ids = torch.randint(3, 60, (2, 9))
+
+    def interleave(_m: torch.nn.Module, _args: object) -> None:
+        if threading.get_ident() == me:
+            worker = threading.Thread(target=lambda: lm.backbone(input_ids=other_ids))
+            worker.start()
+            worker.join()
+
+    handle = lm.model.get_output_embeddings().register_forward_pre_hook(interleave)
+    try:
+        with torch.inference_mode():
+            mixed = read_back(lm, v, ITEMS, 2)
+    finally:
+        handle.remove()
+    assert mixed.projection == pytest.approx(alone.projection, abs=1e-5)
+    assert mixed.log_likelihood == pytest.approx(alone.log_likelihood, abs=1e-5)
+
+
 def _cell(cond: str, layer: int, coef: float, trait: float, ppl: float, coh: float | None = None) -> Cell:
     return Cell(cond, layer, coef, coef / 10, trait, ppl, 0.0, None, coh, 5)
 
@@ -182,6 +211,33 @@ def test_sweep_resumes_and_round_trips_choice(tmp_path: Path, monkeypatch: pytes
     # Without a stored choice: recommended layer, coefficient from the residual norm.
     fresh = steering_defaults(lm, v)
     assert fresh["layer"] == 2 and fresh["fraction"] == 0.25 and fresh["coef"] > 0
+
+
+def test_sweep_on_two_streams_matches_one(tmp_path: Path) -> None:
+    lm = tiny("qwen2", n_layers=4)
+    v = _vector(lm)
+    spec = load_trait("evil")
+    sampled = SamplingParams(max_new_tokens=5, temperature=1.0)
+    kw: dict[str, Any] = {"quick": True, "n_questions": 2, "params": sampled, "batch_size": 5}
+    one = sweep(lm, v, spec, store=JsonlStore(tmp_path / "one.jsonl"), workers=1, **kw)
+    threads: list[int] = []
+    original: Callable[..., Any] = lm.model.generate  # type: ignore[assignment]
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.get_ident())
+        return original(*args, **kwargs)
+
+    lm.model.generate = spy  # type: ignore[method-assign]
+    try:
+        two = sweep(lm, v, spec, store=JsonlStore(tmp_path / "two.jsonl"), workers=2, **kw)
+    finally:
+        del lm.model.generate
+    # Baseline (4 rows) and two layers of 12 rows each, in batches of at most 5: 1 + 3 + 3 batches.
+    assert len(threads) == 7 and threading.get_ident() not in threads and len(set(threads)) == 2
+    records = [list(JsonlStore(tmp_path / f"{n}.jsonl").records()) for n in ("one", "two")]
+    assert records[0] == records[1] and len(records[0]) == 4 + 2 * 12
+    assert [c.to_dict() for c in two.cells] == [c.to_dict() for c in one.cells]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
 
 
 def test_sweep_refuses_huge_coefficients(tmp_path: Path) -> None:

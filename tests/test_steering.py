@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -288,3 +291,54 @@ def test_project_uses_unit_direction() -> None:
     v = random_vector(lm) * 7.0
     acts = v.at(2).unsqueeze(0) * 2.0
     torch.testing.assert_close(project(acts, v, 2), v.at(2).norm().unsqueeze(0) * 2.0)
+
+
+def _in_thread(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``fn()`` run to completion in a new thread."""
+    out: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: out.append(fn()))
+    worker.start()
+    worker.join()
+    return out[0]
+
+
+def test_this_thread_only_leaves_other_threads_passes_alone(tiny_lm: LoadedModel) -> None:
+    v = random_vector(tiny_lm, seed=5)
+    ids = _ids(tiny_lm)
+    base = _logits(tiny_lm, ids)
+    with steer(tiny_lm, v, layers=2, coef=4.0):
+        steered = _logits(tiny_lm, ids)
+        # By default every thread's pass is steered: a generation run in a streamer's thread must be.
+        torch.testing.assert_close(_in_thread(lambda: _logits(tiny_lm, ids)), steered)
+    assert not torch.allclose(base, steered, atol=1e-3)
+    with steer(tiny_lm, v, layers=2, coef=4.0, this_thread_only=True):
+        other = _in_thread(lambda: _logits(tiny_lm, ids))
+        mine = _logits(tiny_lm, ids)
+    assert torch.equal(other, base)
+    torch.testing.assert_close(mine, steered)
+
+
+def test_two_threads_steer_their_own_generations_at_once() -> None:
+    lm = tiny("llama", n_layers=2)
+    v = random_vector(lm, scale=4.0)
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=1.0)
+    expected = {}
+    for coef in (-3.0, 3.0):
+        with steer(lm, v, layers=1, coef=coef, positions="response"):
+            expected[coef] = generate(lm, PROMPTS, params, seeds=[1, 2, 3], workers=1)
+    # Both threads wait for each other before generating, so their passes interleave.
+    barrier = threading.Barrier(2)
+    got: dict[float, list[str]] = {}
+
+    def run(coef: float) -> None:
+        with steer(lm, v, layers=1, coef=coef, positions="response", this_thread_only=True):
+            barrier.wait()
+            got[coef] = generate(lm, PROMPTS, params, seeds=[1, 2, 3], workers=1)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in expected]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected and expected[-3.0] != expected[3.0]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())

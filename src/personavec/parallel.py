@@ -8,7 +8,8 @@ perplexity and local judges 1.06-1.07x. An accelerator keeps one stream: there l
 threads, are what fill the device.
 
 Used by :func:`personavec.activations.iter_activations`, :func:`personavec.generation.iter_generate`,
-the perplexity coherence judge and the local LLM judge.
+the perplexity coherence judge, the local LLM judge and :func:`personavec.sweep.sweep` (whose streams
+each steer their own batches, see ``steer(this_thread_only=True)``).
 """
 
 from __future__ import annotations

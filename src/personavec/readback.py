@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -172,8 +173,12 @@ def _hooked_pass(
     except (TypeError, ValueError):
         kwargs = {}
 
+    caller = threading.get_ident()
+
     def hook(_m: torch.nn.Module, _a: object, out: object) -> None:
-        captured["h"] = _first_tensor(out).float()
+        # Another thread may run its own passes through this model meanwhile (the sweep's streams).
+        if threading.get_ident() == caller:
+            captured["h"] = _first_tensor(out).float()
 
     handle = lm.blocks[layer - 1].register_forward_hook(hook)
     try:

@@ -5,7 +5,10 @@ Steering at layer ``l`` changes the output of decoder block ``l`` (layer convent
 
 The hooks live exactly as long as the ``with steer(...)`` block, are removed on any exit (exceptions
 included), never modify tensors in place, and so also work under autograd: fine-tuning can train through
-them (preventative steering).
+them (preventative steering). They act on every thread's forward passes (a generation run in another
+thread, as with a ``TextIteratorStreamer``, is steered), unless ``this_thread_only=True``: then only the
+thread that entered the block is steered, so several threads can each steer their own batches on one
+model at once (the sweep runs two such streams on a CPU).
 
 Positions:
 
@@ -23,6 +26,7 @@ Projection convention (used by monitoring and screening too): ``project`` return
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,6 +132,8 @@ def steer(
     coef: Coef | None = None,
     positions: Positions = "all",
     mode: Mode = add,
+    *,
+    this_thread_only: bool = False,
 ) -> Iterator[None]:
     """Steer a model inside a ``with`` block.
 
@@ -141,6 +147,8 @@ def steer(
             sequence gives each row of the batch its own strength (its length must be the batch size).
         positions: ``all``, ``prompt``, ``response`` or a bool mask (see the module docstring).
         mode: :func:`add` or :func:`ablate` (or your own callable of the same shape).
+        this_thread_only: Steer only forward passes run by the thread that enters the block; passes
+            other threads run through the same model meanwhile are left alone.
 
     Yields:
         Nothing; the model is steered until the block exits.
@@ -177,10 +185,13 @@ def steer(
             plan.append((layer, spec.vector.at(layer), value, pos, spec.mode))
 
     tracker = _PositionTracker()
+    owner = threading.get_ident() if this_thread_only else None
     # Per plan entry, device and dtype: the direction and the strength, converted once.
     cache: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, float | Tensor]] = {}
 
     def pre_hook(_module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        if owner is not None and threading.get_ident() != owner:
+            return
         hidden = args[0] if args else kwargs["hidden_states"]
         assert isinstance(hidden, Tensor)
         tracker.update(hidden.shape[1])
@@ -189,6 +200,8 @@ def steer(
         _layer, direction, c, pos, fn = plan[i]
 
         def hook(_module: torch.nn.Module, _args: object, output: object) -> object:
+            if owner is not None and threading.get_ident() != owner:
+                return None  # another thread's pass: its output stays as it is
             hidden = output if isinstance(output, Tensor) else output[0]  # type: ignore[index]
             key = (i, hidden.device, hidden.dtype)
             if key not in cache:

@@ -23,6 +23,7 @@ one recomputes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -40,6 +41,7 @@ from personavec.judging.base import Judge, JudgeItem
 from personavec.judging.coherence import REFERENCES, PerplexityCoherence, repetition_share
 from personavec.layers import check_layers
 from personavec.models import LoadedModel
+from personavec.parallel import choose_workers, ordered_map
 from personavec.readback import ReadBack, read_back
 from personavec.steering import steer
 from personavec.store import JsonlStore, record_key
@@ -47,6 +49,8 @@ from personavec.traits.spec import TraitSpec
 from personavec.vectors import PersonaVector
 
 log = logging.getLogger(__name__)
+
+_Row = tuple[str, str, float, str]  # one answer to make: key, condition, coef, question
 
 # A steered residual above this multiple of the layer's usual norm is far off-distribution: refused.
 MAX_NORM_MULTIPLE = 10.0
@@ -442,6 +446,7 @@ def sweep(
     quick: bool = False,
     guard: Guard | None = None,
     batch_size: int = 48,
+    workers: int | None = None,
 ) -> SweepResult:
     """Steer on the trait's evaluation questions over layers x coefficients and measure each cell.
 
@@ -462,6 +467,9 @@ def sweep(
         quick: The small preset: 2 layers x 3 coefficients x 5 questions, 32 tokens.
         guard: Coherence thresholds.
         batch_size: Prompts per generation / read-back batch.
+        workers: Batches run at once, each in its own thread with its own steering (default: 2 on a
+            CPU, 1 on an accelerator, 1 while the model carries hooks; see
+            :func:`personavec.parallel.choose_workers`). The batches and seeds are the same either way.
 
     Returns:
         The :class:`SweepResult`.
@@ -534,49 +542,58 @@ def sweep(
 
     reported: set[str] = set()  # keys already counted by on_progress
 
-    def answer(todo: list[tuple[str, str, float, str]], layer: int) -> None:
-        """Generate, read back and store answers ``(key, condition, coef, question)`` at one layer.
+    def answer(job: tuple[int, list[_Row]]) -> tuple[list[str], ReadBack]:
+        """Generate and read back one batch of rows at one layer, each steered by its own coefficient.
 
-        Cells of one layer share batches, each row steered by its own coefficient: one batched
-        ``generate`` call instead of one small call per cell (decoding is much cheaper per row in
-        wide batches).
+        One batched ``generate`` call per batch instead of one small call per cell (decoding is much
+        cheaper per row in wide batches). Steering is scoped to this thread, so two batches can run at
+        once on two streams, each with its own layer and coefficients.
         """
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            convs: list[list[dict[str, str]]] = []
-            for _k, cond, _c, q in chunk:
-                sys_msg = system[cond]
-                head = [{"role": "system", "content": sys_msg}] if sys_msg else []
-                convs.append([*head, {"role": "user", "content": q}])
-            seeds = [int(k[:8], 16) for k, *_rest in chunk]
-            row_coefs = [c for _k, _cond, c, _q in chunk]
-            if layer == 0 or not any(row_coefs):
-                answers = generate(lm, convs, params, seeds=seeds, batch_size=len(chunk))
-            else:
-                with steer(lm, vector, layers=layer, coef=row_coefs):
-                    answers = generate(lm, convs, params, seeds=seeds, batch_size=len(chunk))
-            rb = read_back(lm, vector, [(q, a) for (*_r, q), a in zip(chunk, answers)], rb_layer)
-            store.append(
-                [
-                    {
-                        "key": k,
-                        "type": "answer",
-                        "condition": cond,
-                        "layer": layer,
-                        "coef": c,
-                        "question": q,
-                        "answer": a,
-                        "projection": rb.projection[j],
-                        "log_likelihood": rb.log_likelihood[j],
-                    }
-                    for j, ((k, cond, c, q), a) in enumerate(zip(chunk, answers))
-                ]
-            )
-            reported.update(k for k, *_rest in chunk)
-            if on_progress is not None:
-                on_progress(len(chunk))
+        layer, chunk = job
+        convs: list[list[dict[str, str]]] = []
+        for _k, cond, _c, q in chunk:
+            sys_msg = system[cond]
+            head = [{"role": "system", "content": sys_msg}] if sys_msg else []
+            convs.append([*head, {"role": "user", "content": q}])
+        seeds = [int(k[:8], 16) for k, *_rest in chunk]
+        row_coefs = [c for _k, _cond, c, _q in chunk]
+        if layer == 0 or not any(row_coefs):
+            answers = generate(lm, convs, params, seeds=seeds, batch_size=len(chunk), workers=1)
+        else:
+            with steer(lm, vector, layers=layer, coef=row_coefs, this_thread_only=True):
+                answers = generate(lm, convs, params, seeds=seeds, batch_size=len(chunk), workers=1)
+        rb = read_back(lm, vector, [(q, a) for (*_r, q), a in zip(chunk, answers)], rb_layer)
+        return answers, rb
 
-    def missing(condition: str, layer: int, coef: float) -> list[tuple[str, str, float, str]]:
+    def answer_all(todo: list[tuple[int, list[_Row]]]) -> None:
+        """Answer every ``(layer, rows)`` job in batches and store each batch as soon as it is done."""
+        jobs = [(layer, rs[i : i + batch_size]) for layer, rs in todo for i in range(0, len(rs), batch_size)]
+        # A hook already on the model (a sweep run inside the caller's own steer() or monitoring) keeps
+        # per-pass state that two streams would share: then one stream (see choose_workers).
+        streams = choose_workers(lm, workers, len(jobs))
+        with contextlib.closing(ordered_map(answer, jobs, streams)) as results:
+            for (layer, chunk), (answers, rb) in zip(jobs, results):
+                store.append(
+                    [
+                        {
+                            "key": k,
+                            "type": "answer",
+                            "condition": cond,
+                            "layer": layer,
+                            "coef": c,
+                            "question": q,
+                            "answer": a,
+                            "projection": rb.projection[j],
+                            "log_likelihood": rb.log_likelihood[j],
+                        }
+                        for j, ((k, cond, c, q), a) in enumerate(zip(chunk, answers))
+                    ]
+                )
+                reported.update(k for k, *_rest in chunk)
+                if on_progress is not None:
+                    on_progress(len(chunk))
+
+    def missing(condition: str, layer: int, coef: float) -> list[_Row]:
         keys = [key(condition, layer, coef, q) for q in questions]
         return [(k, condition, coef, q) for k, q in zip(keys, questions) if k not in store]
 
@@ -646,17 +663,20 @@ def sweep(
 
     # Generate every missing answer first, layer by layer, in shared batches; the loops below then only
     # read them from the store, judge them and aggregate.
-    answer([*missing("amplify", 0, 0.0), *missing("suppress", 0, 0.0)], 0)
+    todo = [(0, [*missing("amplify", 0, 0.0), *missing("suppress", 0, 0.0)])]
     for layer in steer_layers:
-        answer(
-            [
-                row
-                for condition, cell_layer, coef, fraction in grid
-                if cell_layer == layer and not too_large(fraction)
-                for row in missing(condition, layer, coef)
-            ],
-            layer,
+        todo.append(
+            (
+                layer,
+                [
+                    row
+                    for condition, cell_layer, coef, fraction in grid
+                    if cell_layer == layer and not too_large(fraction)
+                    for row in missing(condition, layer, coef)
+                ],
+            )
         )
+    answer_all(todo)
 
     baselines: dict[str, Cell] = {}
     base_ll: dict[str, float] = {}
