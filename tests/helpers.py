@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import torch
 
 from personavec.models import LoadedModel
@@ -34,3 +39,20 @@ def block_outputs(
 
         handles.append(block.register_forward_hook(hook))
     return seen, handles
+
+
+@contextlib.contextmanager
+def generate_threads(lm: LoadedModel) -> Iterator[list[int]]:
+    """Which threads call ``lm.model.generate`` (a wrapper, not a hook: hooks would force one stream)."""
+    seen: list[int] = []
+    original: Callable[..., Any] = lm.model.generate  # type: ignore[assignment]
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        seen.append(threading.get_ident())
+        return original(*args, **kwargs)
+
+    lm.model.generate = wrapper  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        del lm.model.generate

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 import torch
 
 from personavec.errors import PersonavecError
 from personavec.generation import SamplingParams, generate
-from personavec.models import LoadedModel
 from personavec.parallel import choose_workers, default_workers, ordered_map
 from personavec.steering import steer
 
 from .conftest import tiny
-from .helpers import random_vector
+from .helpers import generate_threads, random_vector
 
 SAMPLED = SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.9, seed=7)
 PROMPTS = [[{"role": "user", "content": f"Question {i}" + "?" * (i % 4)}] for i in range(10)]
@@ -90,28 +86,11 @@ def test_default_and_chosen_workers() -> None:
         choose_workers(lm, 0, n_batches=5)
 
 
-@contextlib.contextmanager
-def _generate_threads(lm: LoadedModel) -> Iterator[list[int]]:
-    """Which threads call ``lm.model.generate`` (a wrapper, not a hook: hooks would force one stream)."""
-    seen: list[int] = []
-    original: Callable[..., Any] = lm.model.generate  # type: ignore[assignment]
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        seen.append(threading.get_ident())
-        return original(*args, **kwargs)
-
-    lm.model.generate = wrapper  # type: ignore[method-assign]
-    try:
-        yield seen
-    finally:
-        del lm.model.generate
-
-
 def test_parallel_generation_gives_the_same_answers() -> None:
     lm = tiny("llama", n_layers=2)
     seeds = [3 * i + 1 for i in range(len(PROMPTS))]
     one = generate(lm, PROMPTS, SAMPLED, seeds=seeds, batch_size=3, workers=1)
-    with _generate_threads(lm) as seen:
+    with generate_threads(lm) as seen:
         two = generate(lm, PROMPTS, SAMPLED, seeds=seeds, batch_size=3, workers=2)
     assert two == one
     assert len(seen) == 4 and threading.get_ident() not in seen and len(set(seen)) == 2
@@ -120,7 +99,7 @@ def test_parallel_generation_gives_the_same_answers() -> None:
 def test_steered_generation_stays_on_the_calling_thread() -> None:
     lm = tiny("qwen2", n_layers=2)
     vec = random_vector(lm, scale=4.0)
-    with steer(lm, vec, layers=[1], coef=3.0, positions="response"), _generate_threads(lm) as seen:
+    with steer(lm, vec, layers=[1], coef=3.0, positions="response"), generate_threads(lm) as seen:
         together = generate(lm, PROMPTS, SAMPLED, batch_size=3, workers=2)
     assert set(seen) == {threading.get_ident()}
     with steer(lm, vec, layers=[1], coef=3.0, positions="response"):

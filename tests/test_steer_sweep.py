@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from personavec.sweep import (
 from personavec.traits import load_trait
 from personavec.vectors import PersonaVector
 from tests.conftest import make_model, make_tokenizer, tiny
-from tests.helpers import random_vector
+from tests.helpers import generate_threads, random_vector
 
 ITEMS = [
     ("Hi there, how are you?", "I am well, thanks for asking! And you?"),
@@ -220,18 +219,8 @@ def test_sweep_on_two_streams_matches_one(tmp_path: Path) -> None:
     sampled = SamplingParams(max_new_tokens=5, temperature=1.0)
     kw: dict[str, Any] = {"quick": True, "n_questions": 2, "params": sampled, "batch_size": 5}
     one = sweep(lm, v, spec, store=JsonlStore(tmp_path / "one.jsonl"), workers=1, **kw)
-    threads: list[int] = []
-    original: Callable[..., Any] = lm.model.generate  # type: ignore[assignment]
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        threads.append(threading.get_ident())
-        return original(*args, **kwargs)
-
-    lm.model.generate = spy  # type: ignore[method-assign]
-    try:
+    with generate_threads(lm) as threads:
         two = sweep(lm, v, spec, store=JsonlStore(tmp_path / "two.jsonl"), workers=2, **kw)
-    finally:
-        del lm.model.generate
     # Baseline (4 rows) and two layers of 12 rows each, in batches of at most 5: 1 + 3 + 3 batches.
     assert len(threads) == 7 and threading.get_ident() not in threads and len(set(threads)) == 2
     records = [list(JsonlStore(tmp_path / f"{n}.jsonl").records()) for n in ("one", "two")]
