@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
 from personavec.errors import PersonavecError
 from personavec.generation import SamplingParams, generate
-from personavec.parallel import choose_workers, default_workers, ordered_map
+from personavec.parallel import choose_workers, default_workers, ordered_map, raise_if_stopping, stopping
 from personavec.steering import steer
 
 from .conftest import tiny
@@ -63,6 +65,52 @@ def test_ordered_map_errors_and_early_exit_leave_no_threads() -> None:
     assert next(stream) == 0
     stream.close()
     assert threading.active_count() == threads
+
+
+def test_closing_early_tells_running_items_to_stop() -> None:
+    running = threading.Event()
+    outcome: list[str] = []
+
+    def item(x: int) -> int:
+        if x == 1:
+            running.set()
+            deadline = time.monotonic() + 30
+            while not stopping():
+                if time.monotonic() > deadline:
+                    outcome.append("ran on")
+                    return x
+                time.sleep(0.01)
+            outcome.append("stopped")
+            raise_if_stopping()  # gives the item up; the map drops it without raising in the caller
+            outcome.append("went on")
+        return x
+
+    assert not stopping()  # outside any stream
+    raise_if_stopping()  # and this does nothing there
+    stream = ordered_map(item, range(2), workers=2)
+    assert next(stream) == 0
+    assert running.wait(10)
+    stream.close()
+    assert outcome == ["stopped"]
+
+
+def test_generation_ends_at_its_next_step_when_its_stream_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = tiny("llama", n_layers=2)
+    params = SamplingParams(max_new_tokens=12)
+    new_tokens: list[int] = []
+    original: Callable[..., Any] = lm.model.generate  # type: ignore[assignment]
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        new_tokens.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(lm.model, "generate", counting)
+    generate(lm, PROMPTS[:2], params, workers=1)
+    # As if this thread were a stream whose map is being closed: one decoding step, then stop.
+    monkeypatch.setattr("personavec.generation.stopping", lambda: True)
+    generate(lm, PROMPTS[:2], params, workers=1)
+    assert new_tokens[0] > 1 and new_tokens[1] == 1
 
 
 def test_default_and_chosen_workers() -> None:

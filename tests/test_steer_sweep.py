@@ -411,6 +411,23 @@ def test_cli_sweep_writes_choice_and_report(tiny_folder: tuple[Path, Path]) -> N
     assert bad.exit_code == 2 and "cannot parse coefficients" in bad.stderr
 
 
+def test_cli_ctrl_c_is_one_line(tiny_folder: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    _folder, vec = tiny_folder
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("personavec.sweep.sweep", interrupted)
+    result = CliRunner().invoke(app, ["sweep", str(vec), "--trait", "evil", "--quick"])
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 130
+    assert last == "interrupted: finished batches are saved, the same command resumes"
+    monkeypatch.setattr("personavec.generation.generate", interrupted)
+    result = CliRunner().invoke(app, ["steer", str(vec), "--prompt", "Hi", "--layer", "2", "--coef", "1"])
+    assert result.exit_code == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "interrupted"  # steer has nothing to resume
+
+
 @pytest.mark.parametrize(
     ("recommended", "expected"),
     [(10, [10, 12, 15, 20]), (4, [4, 10, 15, 20]), (15, [10, 15, 17, 20]), (None, [10, 15, 17, 20])],

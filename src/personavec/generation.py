@@ -12,13 +12,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from personavec.activations import pad_batch
 from personavec.conversations import Conversation, encode
 from personavec.errors import PersonavecError
 from personavec.models import LoadedModel
-from personavec.parallel import choose_workers, ordered_map
+from personavec.parallel import choose_workers, ordered_map, stopping
 from personavec.store import JsonlStore, record_key
 from personavec.traits.spec import TraitSpec
 
@@ -66,6 +66,16 @@ class _PerRowSampler(LogitsProcessor):
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen, 0.0)
         return out  # type: ignore[return-value]
+
+
+class _StopWithStream(StoppingCriteria):
+    """Ends a batch at its next step once its stream is being closed (see ``parallel.stopping``)."""
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object
+    ) -> torch.BoolTensor:
+        done = torch.full((input_ids.shape[0],), stopping(), dtype=torch.bool, device=input_ids.device)
+        return done  # type: ignore[return-value]
 
 
 def iter_generate(
@@ -117,6 +127,7 @@ def iter_generate(
                 top_p=None,
                 top_k=None,
                 logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([_StopWithStream()]),
             )
         return out[:, ids.shape[1] :]
 

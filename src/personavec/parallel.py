@@ -14,6 +14,7 @@ each steer their own batches, see ``steer(this_thread_only=True)``).
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Collection, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +31,37 @@ R = TypeVar("R")
 # Batches queued per stream beyond the one it runs, so a stream that finishes early finds work while
 # results are still handed out in order.
 _AHEAD = 2
+# In a worker thread: the Event its ordered_map sets when the caller stops reading (error, break, Ctrl-C).
+_worker = threading.local()
+
+
+def stopping() -> bool:
+    """Whether the current thread runs an item of an :func:`ordered_map` that is being closed.
+
+    Long items (a generation batch) check it to stop at their next step: nobody will read their result,
+    and the caller is waiting for them to finish before it can raise or return.
+    """
+    event = getattr(_worker, "stop", None)
+    return event is not None and event.is_set()
+
+
+class _Stopped(Exception):
+    """Raised by an item whose map is being closed; its result is never read, so this never surfaces."""
+
+
+def raise_if_stopping() -> None:
+    """Give up the current :func:`ordered_map` item if the map is being closed (see :func:`stopping`).
+
+    Raises:
+        _Stopped: Inside an item of a map that is being closed; the map drops it unread.
+    """
+    if stopping():
+        raise _Stopped
+
+
+def _start_worker(threads: int, stop: threading.Event) -> None:
+    torch.set_num_threads(threads)
+    _worker.stop = stop
 
 
 def default_workers(device: torch.device) -> int:
@@ -105,8 +137,9 @@ def ordered_map(
 
     Each thread gets an equal share of the caller's intra-op threads. At most ``_AHEAD * workers``
     items are started ahead of the one being handed out, so memory stays bounded whatever the data
-    size. Closing the generator early cancels what has not started and waits for what has; an
-    exception in ``fn`` reaches the caller when its item's turn comes.
+    size. Closing the generator early cancels what has not started and waits for what has (items that
+    check :func:`stopping` end sooner); an exception in ``fn`` reaches the caller when its item's turn
+    comes.
 
     Because items run ahead of the caller, hooks added to ``model`` in the body of a loop over the
     result (say ``steer()`` inside ``for ex in iter_activations(...)``) would reach items already under
@@ -123,9 +156,8 @@ def ordered_map(
     if model is not None:
         fn = _refusing_new_hooks(fn, model, ours)
     threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(
-        workers, initializer=torch.set_num_threads, initargs=(max(1, threads // workers),)
-    )
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(workers, initializer=_start_worker, initargs=(max(1, threads // workers), stop))
     pending: deque[Future[R]] = deque()
     todo = iter(items)
     try:
@@ -140,6 +172,7 @@ def ordered_map(
                 break
             yield result
     finally:
+        stop.set()
         for f in pending:
             f.cancel()
         pool.shutdown(wait=True)

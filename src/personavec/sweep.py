@@ -41,7 +41,7 @@ from personavec.judging.base import Judge, JudgeItem
 from personavec.judging.coherence import REFERENCES, PerplexityCoherence, repetition_share
 from personavec.layers import check_layers
 from personavec.models import LoadedModel
-from personavec.parallel import choose_workers, ordered_map
+from personavec.parallel import choose_workers, ordered_map, raise_if_stopping
 from personavec.readback import ReadBack, read_back
 from personavec.steering import steer
 from personavec.store import JsonlStore, record_key
@@ -562,6 +562,7 @@ def sweep(
         else:
             with steer(lm, vector, layers=layer, coef=row_coefs, this_thread_only=True):
                 answers = generate(lm, convs, params, seeds=seeds, batch_size=len(chunk), workers=1)
+        raise_if_stopping()  # the sweep is stopping (error, Ctrl-C): this batch will not be stored
         rb = read_back(lm, vector, [(q, a) for (*_r, q), a in zip(chunk, answers)], rb_layer)
         return answers, rb
 

@@ -1,7 +1,8 @@
 """The ``personavec`` command line: a thin face over the library, one module per stage.
 
 Results go to stdout (a rich table, or one JSON document with ``--json``); progress and logs go to
-stderr. A :class:`~personavec.errors.PersonavecError` becomes one ``error: ...`` line and exit code 2.
+stderr. A :class:`~personavec.errors.PersonavecError` becomes one ``error: ...`` line and exit code 2;
+Ctrl-C one ``interrupted`` line and exit code 130.
 Layer flags use the convention of :mod:`personavec.layers` (0 = embeddings, l = output of block l).
 """
 
@@ -37,8 +38,12 @@ MODEL_OPT = typer.Option(
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
 
 
+# Commands whose finished work sits in caches in their output folder, so running them again resumes.
+RESUMABLE = {"extract", "sweep_cmd", "monitor_experiment_cmd"}
+
+
 def friendly(fn: F) -> F:
-    """Turn PersonavecError into one line on stderr and exit code 2."""
+    """Turn PersonavecError into one line on stderr and exit code 2, and Ctrl-C into one line and 130."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,6 +52,11 @@ def friendly(fn: F) -> F:
         except PersonavecError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            resumable = fn.__name__ in RESUMABLE
+            hint = ": finished batches are saved, the same command resumes" if resumable else ""
+            err.print(f"[bold yellow]interrupted[/]{hint}", highlight=False, markup=True)
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 
