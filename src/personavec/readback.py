@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from torch import Tensor
 
 from personavec.activations import (
     BatchLayout,
-    _first_tensor,
+    _layer_hooks,
     default_max_padding,
     forward_mask,
     length_batches,
@@ -173,15 +172,10 @@ def _hooked_pass(
     except (TypeError, ValueError):
         kwargs = {}
 
-    caller = threading.get_ident()
-
-    def hook(_m: torch.nn.Module, _a: object, out: object) -> None:
-        # Another thread may run its own passes through this model meanwhile (the sweep's streams).
-        if threading.get_ident() == caller:
-            captured["h"] = _first_tensor(out).float()
-
-    handle = lm.blocks[layer - 1].register_forward_hook(hook)
-    try:
+    # Capture's hooks record only the calling thread's pass: another thread may run its own passes
+    # through this model meanwhile (the sweep's streams).
+    with _layer_hooks(lm, [layer]) as (slot, _ours):
+        slot.record = lambda _layer, hidden: captured.__setitem__("h", hidden.float())
         with torch.inference_mode():
             logits = lm.model(
                 input_ids=ids,
@@ -190,6 +184,4 @@ def _hooked_pass(
                 use_cache=False,
                 **kwargs,
             ).logits
-    finally:
-        handle.remove()
     return captured["h"], logits
