@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import typer
 from rich.console import Console
@@ -38,27 +38,37 @@ MODEL_OPT = typer.Option(
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
 
 
-# Commands whose finished work sits in caches in their output folder, so running them again resumes.
-RESUMABLE = {"extract", "sweep_cmd", "monitor_experiment_cmd"}
+@overload
+def friendly(fn: F) -> F: ...
 
 
-def friendly(fn: F) -> F:
-    """Turn PersonavecError into one line on stderr and exit code 2, and Ctrl-C into one line and 130."""
+@overload
+def friendly(*, resumable: bool) -> Callable[[F], F]: ...
 
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except PersonavecError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            resumable = fn.__name__ in RESUMABLE
-            hint = ": finished batches are saved, the same command resumes" if resumable else ""
-            err.print(f"[bold yellow]interrupted[/]{hint}", highlight=False, markup=True)
-            raise typer.Exit(130) from None
 
-    return wrapper  # type: ignore[return-value]
+def friendly(fn: F | None = None, *, resumable: bool = False) -> F | Callable[[F], F]:
+    """Turn PersonavecError into one line on stderr and exit code 2, and Ctrl-C into one line and 130.
+
+    Use as ``@friendly``, or ``@friendly(resumable=True)`` for commands whose finished work sits in caches
+    in their output folder, so that the Ctrl-C line says running them again resumes.
+    """
+    hint = ": finished batches are saved, the same command resumes" if resumable else ""
+
+    def decorate(fn: F) -> F:
+        @wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except PersonavecError as e:
+                err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                err.print(f"[bold yellow]interrupted[/]{hint}", highlight=False, markup=True)
+                raise typer.Exit(130) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate(fn) if fn is not None else decorate
 
 
 def emit_json(obj: Any) -> None:

@@ -19,7 +19,7 @@ def _r(x: Any) -> str:
 
 
 @app.command("monitor-experiment")
-@friendly
+@friendly(resumable=True)
 def monitor_experiment_cmd(
     target: str = typer.Argument(..., help="A trait name / spec file, or an extraction run folder."),
     vector: Path | None = typer.Option(

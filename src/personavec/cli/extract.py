@@ -48,7 +48,7 @@ def _default_out(trait: str, model: str | None) -> Path:
 
 
 @app.command()
-@friendly
+@friendly(resumable=True)
 def extract(
     trait: str = typer.Argument(..., help="A built-in trait name, or the path of a trait spec file."),
     model: str | None = MODEL_OPT,

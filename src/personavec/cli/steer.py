@@ -238,7 +238,7 @@ def _parse_coefs(text: str | None) -> list[float] | None:
 
 
 @app.command("sweep")
-@friendly
+@friendly(resumable=True)
 def sweep_cmd(
     vector_path: Path = VECTOR_ARG,
     trait: str | None = typer.Option(None, help="Trait name or spec file (default: the vector's trait)."),
