@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from common import conversations_of_length, load_lm, log, mixed_lengths, paired_speedup, time_interleaved
 
-from personavec.activations import capture_activations, pad_batch, response_mean
-from personavec.conversations import Conversation, Encoded, encode
+from personavec.core.activations import capture_activations, pad_batch, response_mean
+from personavec.core.conversations import Conversation, Encoded, encode
 
 N_CONVERSATIONS = 32
 MIN_TOKENS, MAX_TOKENS = 50, 300

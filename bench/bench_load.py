@@ -30,7 +30,7 @@ t0 = time.perf_counter()
 import torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import transformers.models.llama.modeling_llama
-from personavec.models import load_model
+from personavec.core.models import load_model
 t1 = time.perf_counter()
 loads = []
 for _ in range(int(sys.argv[1])):

@@ -57,7 +57,7 @@ def vm_hwm_mb():
 inherited = ru_maxrss_mb()
 import torch
 from common import conversation, load_lm
-from personavec.activations import capture_activations, iter_activations, response_mean
+from personavec.core.activations import capture_activations, iter_activations, response_mean
 
 mode, n = sys.argv[1], int(sys.argv[2])
 lm = load_lm()

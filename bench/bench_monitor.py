@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from common import QUESTIONS, SYSTEMS, Timing, load_lm, log
 
-from personavec.activations import pad_batch
-from personavec.conversations import encode
-from personavec.generation import SamplingParams, generate
-from personavec.monitoring import monitor
-from personavec.vectors import PersonaVector, VectorMeta
+from personavec.core.activations import pad_batch
+from personavec.core.conversations import encode
+from personavec.core.generation import SamplingParams, generate
+from personavec.core.vectors import PersonaVector, VectorMeta
+from personavec.monitor.monitoring import monitor
 
 LAYERS = (10, 15, 20)
 BATCH_PROMPTS = 32

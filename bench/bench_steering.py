@@ -18,10 +18,10 @@ from typing import Any
 
 from common import load_lm, log, paired_speedup, time_interleaved
 
-from personavec.demo import demo_vector
-from personavec.generation import SamplingParams, generate
-from personavec.steering import steer
-from personavec.vectors import PersonaVector
+from personavec.core.generation import SamplingParams, generate
+from personavec.core.steering import steer
+from personavec.core.vectors import PersonaVector
+from personavec.steer.demo import demo_vector
 
 BATCH = 8
 NEW_TOKENS = 64

@@ -1,4 +1,4 @@
-"""One stream with every intra-op thread against parallel streams (``personavec.parallel``).
+"""One stream with every intra-op thread against parallel streams (``personavec.core.parallel``).
 
 Each step that runs independent batches is timed with ``workers=1`` (one batch at a time, all torch
 threads) and with ``workers=2`` (two batches at once, half the threads each), interleaved round by
@@ -37,14 +37,14 @@ from common import (
     time_interleaved,
 )
 
-from personavec.activations import capture_activations, response_mean
-from personavec.demo import demo_vector
-from personavec.generation import SamplingParams, generate
+from personavec.core.activations import capture_activations, response_mean
+from personavec.core.generation import SamplingParams, generate
+from personavec.core.store import JsonlStore
 from personavec.judging.base import JudgeItem
 from personavec.judging.coherence import PerplexityCoherence
 from personavec.judging.llm import LocalJudge
-from personavec.store import JsonlStore
-from personavec.sweep import sweep
+from personavec.steer.demo import demo_vector
+from personavec.steer.sweep import sweep
 from personavec.traits.library import load_trait
 
 STEPS = ("capture", "generation", "perplexity judge", "local judge", "steering sweep")

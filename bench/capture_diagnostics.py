@@ -34,9 +34,9 @@ from bench_capture import (
 from common import conversations_of_length, load_lm, log, mixed_lengths, paired_speedup, time_interleaved
 from torch.profiler import ProfilerActivity, profile
 
-import personavec.activations as activations
-from personavec.activations import capture_activations, response_mean
-from personavec.conversations import Conversation, Encoded, encode
+import personavec.core.activations as activations
+from personavec.core.activations import capture_activations, response_mean
+from personavec.core.conversations import Conversation, Encoded, encode
 
 TIGHT_PADDING = 0.05
 REPEATS = 3

@@ -15,7 +15,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from personavec.conversations import Conversation, encode
+from personavec.core.conversations import Conversation, encode
 
 # Written for these benchmarks; mixed so that answers read like plain assistant prose.
 SYSTEMS = (
@@ -52,7 +52,7 @@ SENTENCES = (
 
 def load_lm() -> Any:
     """The embedded model (float32, CPU), converted and cached on first use."""
-    from personavec.models import load_model
+    from personavec.core.models import load_model
 
     return load_model()
 

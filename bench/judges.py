@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
+from personavec.core.models import load_model
 from personavec.judging import Judge, JudgeItem
 from personavec.judging.coherence import PerplexityCoherence
 from personavec.judging.embedding import EmbeddingJudge
 from personavec.judging.llm import LocalJudge, coherence_prompt
-from personavec.models import load_model
 from personavec.traits.spec import TraitSpec, load_spec_file
 
 ROOT = Path(__file__).resolve().parents[1]

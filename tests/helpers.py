@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from personavec.models import LoadedModel
-from personavec.vectors import PersonaVector, VectorMeta
+from personavec.core.models import LoadedModel
+from personavec.core.vectors import PersonaVector, VectorMeta
 
 
 def random_vector(lm: LoadedModel, trait: str = "test", seed: int = 0, scale: float = 1.0) -> PersonaVector:

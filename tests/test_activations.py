@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from personavec.activations import (
+from personavec.core.activations import (
     BatchLayout,
     capture_activations,
     default_max_padding,
@@ -16,9 +16,9 @@ from personavec.activations import (
     pad_batch,
     response_mean,
 )
-from personavec.conversations import encode
-from personavec.errors import PersonavecError
-from personavec.models import LoadedModel
+from personavec.core.conversations import encode
+from personavec.core.errors import PersonavecError
+from personavec.core.models import LoadedModel
 
 from .conftest import CONVERSATIONS, tiny
 from .helpers import random_vector
@@ -141,7 +141,7 @@ def test_bad_input_errors() -> None:
     with pytest.raises(PersonavecError, match="unknown role"):
         capture_activations(lm, [[{"role": "robot", "content": "hi"}]])
     # Without response pooling a prompt-only conversation is fine.
-    from personavec.activations import last_prompt
+    from personavec.core.activations import last_prompt
 
     acts = capture_activations(lm, [[{"role": "user", "content": "hi"}]], poolings=[last_prompt])
     assert acts["last_prompt"].shape == (1, 4, 32)
@@ -190,7 +190,7 @@ def test_parallel_workers_give_the_same_results_as_one() -> None:
 def test_other_hooks_on_the_model_keep_capture_on_one_thread() -> None:
     # Steering keeps per-pass state (which positions are prompt), so two passes at once must not share
     # it: under steering capture runs in the calling thread, with the same numbers as one at a time.
-    from personavec.steering import steer
+    from personavec.core.steering import steer
 
     lm = tiny("qwen2", n_layers=3)
     convs = _varied_conversations(12)

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from personavec.activations import capture_activations
-from personavec.generation import SamplingParams, generate
-from personavec.models import LoadedModel, load_model
-from personavec.steering import steer
+from personavec.core.activations import capture_activations
+from personavec.core.generation import SamplingParams, generate
+from personavec.core.models import LoadedModel, load_model
+from personavec.core.steering import steer
 
 from .conftest import CONVERSATIONS
 from .test_activations import reference
@@ -53,7 +53,7 @@ def test_embedded_capture_matches_hidden_states(smol: LoadedModel, padding_side:
 
 
 def test_embedded_steering_changes_batched_generation(smol: LoadedModel) -> None:
-    from personavec.demo import demo_vector
+    from personavec.steer.demo import demo_vector
 
     v = demo_vector(smol)
     prompts = [

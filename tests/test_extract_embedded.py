@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from personavec.cli import app
-from personavec.vectors import PersonaVector
+from personavec.core.vectors import PersonaVector
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from personavec.errors import PersonavecError
-from personavec.interop import export_gguf, import_gguf, import_research_pt
-from personavec.vectors import PersonaVector, VectorMeta
+from personavec.core.errors import PersonavecError
+from personavec.core.interop import export_gguf, import_gguf, import_research_pt
+from personavec.core.vectors import PersonaVector, VectorMeta
 
 L, D = 5, 16
 

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
+from personavec.core.llm import Completion, make_client
+from personavec.core.models import LoadedModel
 from personavec.judging import Judge, JudgeItem, make_coherence_judge, make_trait_judge
 from personavec.judging.coherence import PerplexityCoherence, repetition_share, shuffle_words
 from personavec.judging.embedding import EmbeddingJudge
@@ -26,8 +28,6 @@ from personavec.judging.llm import (
     expected_from_logprobs,
     parse_score,
 )
-from personavec.llm import Completion, make_client
-from personavec.models import LoadedModel
 from personavec.traits.spec import TraitSpec, load_spec_file
 
 from .conftest import make_tokenizer, tiny
@@ -357,7 +357,7 @@ def test_read_back_log_likelihoods_give_the_same_coherence(
     tiny_coherence: PerplexityCoherence, tiny_llama: LoadedModel
 ) -> None:
     # The sweep scores coherence from the read-back's log-likelihoods instead of a second pass.
-    from personavec.readback import read_back
+    from personavec.steer.readback import read_back
 
     from .helpers import random_vector
 
@@ -372,7 +372,7 @@ def test_read_back_log_likelihoods_give_the_same_coherence(
 def test_perplexity_matches_a_manual_forward(
     tiny_coherence: PerplexityCoherence, tiny_llama: LoadedModel
 ) -> None:
-    from personavec.conversations import encode
+    from personavec.core.conversations import encode
 
     item = ITEMS[2]
     enc = encode(
@@ -417,7 +417,7 @@ def _short_rubric(question: str, answer: str) -> str:
 
 def _manual_expected(lm: LoadedModel, judge: LocalJudge, item: JudgeItem, digits: set[int]) -> float:
     """Expected score from plain full forward passes, no cache, no batching."""
-    from personavec.conversations import encode
+    from personavec.core.conversations import encode
 
     prompt = list(
         encode(lm.tokenizer, [{"role": "user", "content": _short_rubric(item.question, item.answer)}]).ids
@@ -476,7 +476,7 @@ def test_local_judge_single_token_numbers() -> None:
     assert judge.single_token
     items = ITEMS[:3]
     got = judge.score(items)
-    from personavec.conversations import encode
+    from personavec.core.conversations import encode
 
     number_ids = [tok.convert_tokens_to_ids(str(n)) for n in range(101)]
     for item, score in zip(items, got):
@@ -516,7 +516,7 @@ def test_factories(evil: TraitSpec, tiny_llama: LoadedModel, api_env: _State) ->
 
 @pytest.fixture(scope="module")
 def smol() -> LoadedModel:
-    from personavec.models import load_model
+    from personavec.core.models import load_model
 
     return load_model()
 

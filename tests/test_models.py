@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from personavec.errors import PersonavecError
-from personavec.models import LoadedModel, find_blocks, fingerprint, load_model
+from personavec.core.errors import PersonavecError
+from personavec.core.models import LoadedModel, find_blocks, fingerprint, load_model
 
 from .conftest import make_model, make_tokenizer
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from personavec.activations import capture_activations, last_prompt
 from personavec.cli import app
-from personavec.errors import PersonavecError
-from personavec.generation import SamplingParams
-from personavec.models import LoadedModel
-from personavec.monitor_experiment import (
+from personavec.core.activations import capture_activations, last_prompt
+from personavec.core.errors import PersonavecError
+from personavec.core.generation import SamplingParams
+from personavec.core.models import LoadedModel
+from personavec.core.vectors import PersonaVector
+from personavec.monitor.experiment import (
     MIN_LADDER,
     ExperimentConfig,
     check_ladder,
@@ -26,10 +27,9 @@ from personavec.monitor_experiment import (
     template_ladder,
     trait_examples,
 )
-from personavec.monitoring import monitor
+from personavec.monitor.monitoring import monitor
 from personavec.reports import write_report
 from personavec.traits import load_trait
-from personavec.vectors import PersonaVector
 from tests.conftest import make_model, make_tokenizer
 from tests.helpers import random_vector
 
@@ -153,8 +153,8 @@ def test_experiment_records_monitor_projection_and_resumes(
     def boom(*_a: object, **_k: object) -> None:
         raise AssertionError("recomputed a cached sample")
 
-    monkeypatch.setattr("personavec.monitor_experiment.generate", boom)
-    monkeypatch.setattr("personavec.monitor_experiment.monitor", boom)
+    monkeypatch.setattr("personavec.monitor.experiment.generate", boom)
+    monkeypatch.setattr("personavec.monitor.experiment.monitor", boom)
     calls = judge.calls
     again = run_monitor_experiment(llama_lm, spec, vec, tmp_path, config=CFG, judge=judge)
     assert judge.calls == calls and again["ladder"]["samples"] == ladder["samples"]
@@ -202,8 +202,8 @@ def test_zero_spread_vector_is_refused(llama_lm: LoadedModel, tmp_path: Path) ->
 
 
 def test_llm_author_is_validated_and_retried(monkeypatch: pytest.MonkeyPatch) -> None:
-    from personavec.llm import Completion
-    from personavec.monitor_experiment import llm_ladder
+    from personavec.core.llm import Completion
+    from personavec.monitor.experiment import llm_ladder
 
     replies = [
         json.dumps({"prompts": [f"rung {i}" for i in range(7)]}),  # too short: sent back with the problem
@@ -218,7 +218,7 @@ def test_llm_author_is_validated_and_retried(monkeypatch: pytest.MonkeyPatch) ->
             seen.append(list(messages))
             return Completion(replies[len(seen) - 1])
 
-    monkeypatch.setattr("personavec.llm.make_client", lambda _spec: Fake())
+    monkeypatch.setattr("personavec.core.llm.make_client", lambda _spec: Fake())
     ladder = llm_ladder(load_trait("evil"), "openai:fake")
     assert ladder == [f"rung {i}" for i in range(9)]
     assert "at least 8" in seen[1][-1]["content"]

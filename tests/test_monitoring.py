@@ -12,13 +12,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from personavec.activations import capture_activations, last_prompt, pad_batch
 from personavec.cli import app
-from personavec.conversations import encode
-from personavec.errors import PersonavecError
-from personavec.generation import SamplingParams, generate
-from personavec.models import LoadedModel, load_model
-from personavec.monitoring import (
+from personavec.core.activations import capture_activations, last_prompt, pad_batch
+from personavec.core.conversations import encode
+from personavec.core.errors import PersonavecError
+from personavec.core.generation import SamplingParams, generate
+from personavec.core.models import LoadedModel, load_model
+from personavec.core.steering import project
+from personavec.core.vectors import PersonaVector
+from personavec.monitor.monitoring import (
     NEUTRAL_PROMPTS,
     MonitorRecord,
     calibrate,
@@ -27,8 +29,6 @@ from personavec.monitoring import (
     reference_stats,
     score,
 )
-from personavec.steering import project
-from personavec.vectors import PersonaVector
 
 from .conftest import make_model, make_tokenizer, tiny
 from .helpers import random_vector

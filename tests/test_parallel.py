@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from personavec.errors import PersonavecError
-from personavec.generation import SamplingParams, generate
-from personavec.parallel import choose_workers, default_workers, ordered_map, raise_if_stopping, stopping
-from personavec.steering import steer
+from personavec.core.errors import PersonavecError
+from personavec.core.generation import SamplingParams, generate
+from personavec.core.parallel import choose_workers, default_workers, ordered_map, raise_if_stopping, stopping
+from personavec.core.steering import steer
 
 from .conftest import tiny
 from .helpers import generate_threads, random_vector
@@ -108,7 +108,7 @@ def test_generation_ends_at_its_next_step_when_its_stream_is_closed(monkeypatch:
     monkeypatch.setattr(lm.model, "generate", counting)
     generate(lm, PROMPTS[:2], params, workers=1)
     # As if this thread were a stream whose map is being closed: one decoding step, then stop.
-    monkeypatch.setattr("personavec.generation.stopping", lambda: True)
+    monkeypatch.setattr("personavec.core.generation.stopping", lambda: True)
     generate(lm, PROMPTS[:2], params, workers=1)
     assert new_tokens[0] > 1 and new_tokens[1] == 1
 
@@ -177,8 +177,8 @@ def test_parallel_judges_give_the_same_scores() -> None:
 def test_hooks_added_inside_a_loop_over_a_parallel_stream_fail_loudly() -> None:
     # Streams run a few batches ahead: steering entered in the loop body would reach batches already
     # under way, so workers refuse to go on rather than mix steered and unsteered results.
-    from personavec.activations import iter_activations
-    from personavec.generation import iter_generate
+    from personavec.core.activations import iter_activations
+    from personavec.core.generation import iter_generate
 
     lm = tiny("llama", n_layers=3)
     vec = random_vector(lm)

@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from personavec.errors import PersonavecError
-from personavec.extraction import auroc, cohens_d
-from personavec.filtering import Thresholds, filter_responses
-from personavec.generation import ResponseRow, SamplingParams, generate, generate_responses
+from personavec.core.errors import PersonavecError
+from personavec.core.generation import SamplingParams, generate
+from personavec.core.store import JsonlStore
+from personavec.core.vectors import PersonaVector
+from personavec.extract.extraction import auroc, cohens_d
+from personavec.extract.filtering import Thresholds, filter_responses
+from personavec.extract.pipeline import RunConfig, run_extraction
+from personavec.extract.responses import ResponseRow, generate_responses
 from personavec.judging.base import JudgeItem
-from personavec.pipeline import RunConfig, run_extraction
-from personavec.store import JsonlStore
 from personavec.traits import load_trait
-from personavec.vectors import PersonaVector
 
 from .conftest import make_model, make_tokenizer, tiny
 
@@ -91,9 +92,10 @@ def test_generate_responses_resumes_without_recomputing(tmp_path: Path) -> None:
 
 _KILL_SCRIPT = """
 import sys, time
-from personavec.generation import SamplingParams, generate_responses
-from personavec.models import load_model
-from personavec.store import JsonlStore
+from personavec.core.generation import SamplingParams
+from personavec.extract.responses import generate_responses
+from personavec.core.models import load_model
+from personavec.core.store import JsonlStore
 from personavec.traits import load_trait
 lm = load_model(sys.argv[1])
 store = JsonlStore(sys.argv[2])

@@ -15,17 +15,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from personavec.activations import capture_activations, response_mean
 from personavec.cli import app
-from personavec.generation import SamplingParams
+from personavec.core.activations import capture_activations, response_mean
+from personavec.core.generation import SamplingParams
+from personavec.core.models import LoadedModel
+from personavec.core.steering import project
+from personavec.core.store import JsonlStore
+from personavec.core.vectors import PersonaVector
 from personavec.judging.base import JudgeItem
 from personavec.judging.coherence import PerplexityCoherence
-from personavec.models import LoadedModel
-from personavec.readback import perplexity_ratio, read_back
 from personavec.reports import write_report
-from personavec.steering import project
-from personavec.store import JsonlStore
-from personavec.sweep import (
+from personavec.steer.readback import perplexity_ratio, read_back
+from personavec.steer.sweep import (
     Cell,
     Guard,
     SweepResult,
@@ -38,7 +39,6 @@ from personavec.sweep import (
     with_choice,
 )
 from personavec.traits import load_trait
-from personavec.vectors import PersonaVector
 from tests.conftest import make_model, make_tokenizer, tiny
 from tests.helpers import generate_threads, random_vector
 
@@ -186,9 +186,9 @@ def test_sweep_resumes_and_round_trips_choice(tmp_path: Path, monkeypatch: pytes
     def boom(*_a: object, **_k: object) -> None:
         raise AssertionError("recomputed a cached answer")
 
-    monkeypatch.setattr("personavec.sweep.generate", boom)
-    monkeypatch.setattr("personavec.sweep.read_back", boom)
-    monkeypatch.setattr("personavec.sweep._examples", lambda *_a: [])
+    monkeypatch.setattr("personavec.steer.sweep.generate", boom)
+    monkeypatch.setattr("personavec.steer.sweep.read_back", boom)
+    monkeypatch.setattr("personavec.steer.sweep._examples", lambda *_a: [])
     second = sweep(lm, v, spec, store=JsonlStore(store_path), quick=True, n_questions=2, params=TINY)
     assert len(JsonlStore(store_path)) == n_records
     assert [c.to_dict() for c in second.cells] == [c.to_dict() for c in first.cells]
@@ -417,12 +417,12 @@ def test_cli_ctrl_c_is_one_line(tiny_folder: tuple[Path, Path], monkeypatch: pyt
     def interrupted(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("personavec.sweep.sweep", interrupted)
+    monkeypatch.setattr("personavec.steer.sweep.sweep", interrupted)
     result = CliRunner().invoke(app, ["sweep", str(vec), "--trait", "evil", "--quick"])
     last = result.stderr.strip().splitlines()[-1]
     assert result.exit_code == 130
     assert last == "interrupted: finished batches are saved, the same command resumes"
-    monkeypatch.setattr("personavec.generation.generate", interrupted)
+    monkeypatch.setattr("personavec.core.generation.generate", interrupted)
     result = CliRunner().invoke(app, ["steer", str(vec), "--prompt", "Hi", "--layer", "2", "--coef", "1"])
     assert result.exit_code == 130, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "interrupted"  # steer has nothing to resume
@@ -433,7 +433,7 @@ def test_cli_ctrl_c_is_one_line(tiny_folder: tuple[Path, Path], monkeypatch: pyt
     [(10, [10, 12, 15, 20]), (4, [4, 10, 15, 20]), (15, [10, 15, 17, 20]), (None, [10, 15, 17, 20])],
 )
 def test_default_grid_layers(recommended: int | None, expected: list[int]) -> None:
-    from personavec.vectors import VectorMeta
+    from personavec.core.vectors import VectorMeta
 
     meta = VectorMeta(trait="t", model_id="m", model_fingerprint="f", n_blocks=30, hidden_size=4)
     extra = {} if recommended is None else {"recommended_layer": recommended}

@@ -8,11 +8,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from personavec.conversations import encode
-from personavec.errors import PersonavecError
-from personavec.generation import SamplingParams, generate
-from personavec.models import LoadedModel
-from personavec.steering import SteeringSpec, ablate, project, steer
+from personavec.core.conversations import encode
+from personavec.core.errors import PersonavecError
+from personavec.core.generation import SamplingParams, generate
+from personavec.core.models import LoadedModel
+from personavec.core.steering import SteeringSpec, ablate, project, steer
 
 from .conftest import CONVERSATIONS, tiny
 from .helpers import block_outputs, random_vector

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import personavec.llm as llm_module
+import personavec.core.llm as llm_module
 from personavec.cli import app
-from personavec.errors import PersonavecError
-from personavec.llm import ChatClient, Completion
+from personavec.core.errors import PersonavecError
+from personavec.core.llm import ChatClient, Completion
 from personavec.traits import TraitSpec, build_artifacts, builtin_names, load_trait
 from personavec.traits.authors import (
     extract_json_object,

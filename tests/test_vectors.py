@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from personavec.errors import PersonavecError
-from personavec.vectors import PersonaVector, VectorMeta, mean_difference
+from personavec.core.errors import PersonavecError
+from personavec.core.vectors import PersonaVector, VectorMeta, mean_difference
 
 
 def vec(seed: int = 0, n_blocks: int = 3, d: int = 8, trait: str = "evil") -> PersonaVector:

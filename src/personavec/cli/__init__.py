@@ -1,9 +1,9 @@
 """The ``personavec`` command line: a thin face over the library, one module per stage.
 
 Results go to stdout (a rich table, or one JSON document with ``--json``); progress and logs go to
-stderr. A :class:`~personavec.errors.PersonavecError` becomes one ``error: ...`` line and exit code 2;
+stderr. A :class:`~personavec.core.errors.PersonavecError` becomes one ``error: ...`` line and exit code 2;
 Ctrl-C one ``interrupted`` line and exit code 130.
-Layer flags use the convention of :mod:`personavec.layers` (0 = embeddings, l = output of block l).
+Layer flags use the convention of :mod:`personavec.core.layers` (0 = embeddings, l = output of block l).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, TypeVar, overload
 import typer
 from rich.console import Console
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 
 app = typer.Typer(
     help="Persona vectors: extract, monitor and steer character traits.",
@@ -97,7 +97,7 @@ def parse_layers(text: str | None) -> list[int] | None:
 def load(model: str | None, quiet: bool = False) -> Any:
     from transformers.utils import logging as hf_logging
 
-    from personavec.models import load_model
+    from personavec.core.models import load_model
 
     hf_logging.disable_progress_bar()  # our own status line says what is happening
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ def version() -> None:
 @friendly
 def info(model: str | None = MODEL_OPT, as_json: bool = JSON_OPT) -> None:
     """Load a model and describe it (blocks, width, layer convention)."""
-    from personavec.models import cache_dir
+    from personavec.core.models import cache_dir
 
     t0 = time.perf_counter()
     lm = load(model)
@@ -59,7 +59,7 @@ def demo(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Build a quick cruel-vs-kind vector from built-in examples and show a steered answer."""
-    from personavec.demo import run_demo
+    from personavec.steer.demo import run_demo
 
     lm = load(model)
     with err.status("capturing activations and generating ..."):
@@ -89,7 +89,7 @@ def demo(
 @friendly
 def vector_show(path: Path, as_json: bool = JSON_OPT) -> None:
     """Print a vector file's metadata and per-layer norms."""
-    from personavec.vectors import PersonaVector
+    from personavec.core.vectors import PersonaVector
 
     v = PersonaVector.load(path)
     data = {"path": str(path), "meta": v.meta.__dict__, "norms": [round(x, 4) for x in v.norms().tolist()]}
@@ -112,7 +112,7 @@ def vector_import_pt(
     model_id: str = typer.Option("unknown", help="Model the vector was made on."),
 ) -> None:
     """Import a .pt vector from the paper's research code ([L+1, d], row 0 = embeddings)."""
-    from personavec.interop import import_research_pt
+    from personavec.core.interop import import_research_pt
 
     v = import_research_pt(path, trait=trait, model_id=model_id)
     v.save(out_path)
@@ -127,8 +127,8 @@ def vector_export_gguf(
     layers: str | None = typer.Option(None, help="Layers to export, e.g. 10-20 (default 2..L)."),
 ) -> None:
     """Export a vector as a GGUF control vector for llama.cpp (--control-vector) and repeng."""
-    from personavec.interop import export_gguf
-    from personavec.vectors import PersonaVector
+    from personavec.core.interop import export_gguf
+    from personavec.core.vectors import PersonaVector
 
     v = PersonaVector.load(path)
     export_gguf(v, out_path, layers=parse_layers(layers))
@@ -144,7 +144,7 @@ def vector_import_gguf(
     trait: str = typer.Option("imported", help="Trait name to record."),
 ) -> None:
     """Import a GGUF control vector (repeng / llama.cpp) for a model."""
-    from personavec.interop import import_gguf
+    from personavec.core.interop import import_gguf
 
     lm = load(model)
     v = import_gguf(

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from personavec.cli import JSON_OPT, MODEL_OPT, app, emit_json, err, friendly, load, out
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 
 
 def _r(x: Any) -> str:
@@ -44,15 +44,15 @@ def monitor_experiment_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Graded system prompts and many-shot prompts: Pearson r of last-prompt projection vs trait."""
-    from personavec.cli.extract import _default_out, rich_progress
-    from personavec.monitor_experiment import QUICK, ExperimentConfig, run_monitor_experiment
+    from personavec.cli.extract import default_run_dir, rich_progress
+    from personavec.core.vectors import PersonaVector
+    from personavec.monitor.experiment import QUICK, ExperimentConfig, run_monitor_experiment
     from personavec.traits import load_trait
     from personavec.traits.spec import load_spec_file
-    from personavec.vectors import PersonaVector
 
     t0 = time.perf_counter()
     given = Path(target)
-    run_dir = given if given.is_dir() else _default_out(target, model)
+    run_dir = given if given.is_dir() else default_run_dir(target, model)
     vector_path = vector or run_dir / "vector.safetensors"
     if not vector_path.is_file():
         trait_name = given.name if given.is_dir() else given.stem

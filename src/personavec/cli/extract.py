@@ -42,7 +42,8 @@ def rich_progress() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
         yield factory
 
 
-def _default_out(trait: str, model: str | None) -> Path:
+def default_run_dir(trait: str, model: str | None) -> Path:
+    """The run folder ``runs/TRAIT-MODEL`` that ``extract`` writes when ``--out`` is not given."""
     short = re.sub(r"[^A-Za-z0-9_.-]+", "-", (model or "smollm2-135m").rstrip("/").split("/")[-1])
     return Path("runs") / f"{Path(trait).stem}-{short}"
 
@@ -77,8 +78,8 @@ def extract(
     """Build a trait's vector: generate, judge, filter, extract and evaluate (resumable)."""
     from dataclasses import replace
 
+    from personavec.extract.pipeline import QUICK, RunConfig, run_extraction
     from personavec.judging import make_coherence_judge, make_trait_judge
-    from personavec.pipeline import QUICK, RunConfig, run_extraction
     from personavec.traits import build_artifacts, load_trait
 
     t0 = time.perf_counter()
@@ -97,7 +98,7 @@ def extract(
     with err.status("loading judges ..."):
         trait_judge = make_trait_judge(judge, spec, lm)
         coh_judge = make_coherence_judge(coherence_judge, lm)
-    target = out_dir or _default_out(spec.name, model)
+    target = out_dir or default_run_dir(spec.name, model)
     with rich_progress() as progress:
         result = run_extraction(
             lm,

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from personavec.cli import JSON_OPT, MODEL_OPT, app, emit_json, err, friendly, load, out, parse_layers
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 
 _LOW = (66, 133, 244)  # blue: below the answer's median projection
 _MID = (170, 170, 170)  # grey: at the median
@@ -72,9 +72,9 @@ def monitor_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Project the last prompt token onto each vector: raw, z and percentile per trait."""
-    from personavec.generation import SamplingParams
-    from personavec.monitoring import monitor, read_jsonl_with_lines
-    from personavec.vectors import PersonaVector
+    from personavec.core.generation import SamplingParams
+    from personavec.core.vectors import PersonaVector
+    from personavec.monitor.monitoring import monitor, read_jsonl_with_lines
 
     if (prompt is None) == (file is None):
         raise PersonavecError("pass exactly one of --prompt TEXT or --file conversations.jsonl")
@@ -180,8 +180,8 @@ def calibrate_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Measure the projection on built-in neutral prompts, so that monitoring gives z and percentile."""
-    from personavec.monitoring import calibrate
-    from personavec.vectors import PersonaVector
+    from personavec.core.vectors import PersonaVector
+    from personavec.monitor.monitoring import calibrate
 
     v = PersonaVector.load(vector)
     lm = load(model)

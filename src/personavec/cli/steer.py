@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from personavec.cli import JSON_OPT, app, emit_json, err, friendly, load, out, parse_layers
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 
 VECTOR_ARG = typer.Argument(
     ..., help="A vector .safetensors file (e.g. runs/evil-smollm2-135m/vector.safetensors)."
@@ -23,7 +23,7 @@ MODEL_OPT_V = typer.Option(
 
 
 def _model_spec(vector: Any, model: str | None) -> str | None:
-    from personavec.models import EMBEDDED_ID
+    from personavec.core.models import EMBEDDED_ID
 
     if model is not None:
         return model
@@ -33,7 +33,7 @@ def _model_spec(vector: Any, model: str | None) -> str | None:
 
 def _load_pair(vector_path: Path, model: str | None) -> tuple[Any, Any]:
     """Load a vector and its model, and check they belong together (one clear line if not)."""
-    from personavec.vectors import PersonaVector
+    from personavec.core.vectors import PersonaVector
 
     vector = PersonaVector.load(vector_path)
     lm = load(_model_spec(vector, model))
@@ -49,7 +49,7 @@ def _load_pair(vector_path: Path, model: str | None) -> tuple[Any, Any]:
 
 
 def _warn_large(vector: Any, layer: int, coef: float, norms: dict[int, float]) -> float:
-    from personavec.sweep import MAX_NORM_MULTIPLE, fraction_of_norm, too_large
+    from personavec.steer.sweep import MAX_NORM_MULTIPLE, fraction_of_norm, too_large
 
     frac = fraction_of_norm(vector, layer, coef, norms)
     if too_large(frac):
@@ -80,17 +80,17 @@ def steer_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Answer a prompt unsteered and steered, side by side (same seed)."""
-    from personavec.generation import SamplingParams, generate
-    from personavec.layers import check_layers
-    from personavec.readback import read_back
-    from personavec.steering import _resolve, steer
-    from personavec.sweep import readback_layer, residual_norms, steering_defaults
+    from personavec.core.generation import SamplingParams, generate
+    from personavec.core.layers import check_layers
+    from personavec.core.steering import check_positions, steer
+    from personavec.steer.readback import read_back
+    from personavec.steer.sweep import readback_layer, residual_norms, steering_defaults
 
     if not prompt.strip():
         raise PersonavecError("the prompt is empty: pass --prompt 'your question'")
     if system is not None and not system.strip():
         raise PersonavecError("the system prompt is empty: drop --system or give it text")
-    _resolve(positions)
+    check_positions(positions)
     vector, lm = _load_pair(vector_path, model)
     if layer is not None:
         check_layers([layer], lm.info.n_blocks, allow_embeddings=False)
@@ -103,7 +103,7 @@ def steer_cmd(
         source = "given"
     elif layer is not None and layer != defaults["layer"]:
         # A stored coefficient belongs to its own layer; keep the same share of this layer's norm.
-        from personavec.sweep import DEFAULT_STEER_FRACTION, coef_for_fraction
+        from personavec.steer.sweep import DEFAULT_STEER_FRACTION, coef_for_fraction
 
         frac = defaults["fraction"] if defaults["fraction"] is not None else DEFAULT_STEER_FRACTION
         coefs = [coef_for_fraction(vector, chosen_layer, float(frac), norms)]
@@ -171,11 +171,11 @@ def chat(
     max_new_tokens: int = typer.Option(96, min=1, help="Reply length in tokens."),
 ) -> None:
     """Chat with the vector applied; each reply's read-back projection is shown. Empty line ends."""
-    from personavec.generation import SamplingParams, generate
-    from personavec.layers import check_layers
-    from personavec.readback import read_back
-    from personavec.steering import steer
-    from personavec.sweep import readback_layer, residual_norms, steering_defaults
+    from personavec.core.generation import SamplingParams, generate
+    from personavec.core.layers import check_layers
+    from personavec.core.steering import steer
+    from personavec.steer.readback import read_back
+    from personavec.steer.sweep import readback_layer, residual_norms, steering_defaults
 
     vector, lm = _load_pair(vector_path, model)
     if layer is not None:
@@ -262,11 +262,11 @@ def sweep_cmd(
 ) -> None:
     """Sweep layers x coefficients, choose a setting, store it in the vector file, write the report."""
     from personavec.cli.extract import rich_progress
-    from personavec.generation import SamplingParams
+    from personavec.core.generation import SamplingParams
+    from personavec.core.store import JsonlStore
     from personavec.judging import make_coherence_judge, make_trait_judge
     from personavec.reports import write_report
-    from personavec.store import JsonlStore
-    from personavec.sweep import DEFAULT_FRACTIONS, QUICK_FRACTIONS, default_layers, sweep, with_choice
+    from personavec.steer.sweep import DEFAULT_FRACTIONS, QUICK_FRACTIONS, default_layers, sweep, with_choice
 
     coef_list = _parse_coefs(coefs)
     layer_list = parse_layers(layers)
@@ -389,7 +389,7 @@ def report(
     ),
 ) -> None:
     """Write one self-contained offline HTML report for a run folder."""
-    from personavec.models import EMBEDDED_ID
+    from personavec.core.models import EMBEDDED_ID
     from personavec.reports import write_report
 
     lm = None

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from personavec.cli import JSON_OPT, app, emit_json, err, friendly, out
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 
 trait_app = typer.Typer(help="Show and author trait specs.", no_args_is_help=True)
 app.add_typer(trait_app, name="trait")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 from personavec.judging.base import Judge, JudgeItem
 
 if TYPE_CHECKING:  # keeps `import personavec.judging` light; backends import their own heavy deps
-    from personavec.models import LoadedModel
+    from personavec.core.models import LoadedModel
     from personavec.traits.spec import TraitSpec
 
 __all__ = ["Judge", "JudgeItem", "make_coherence_judge", "make_trait_judge"]
@@ -21,7 +21,7 @@ _COHERENCE_FORMS = (
 
 
 def _local_model(spec: str, lm: LoadedModel | None, role: str) -> LoadedModel:
-    from personavec.models import load_model
+    from personavec.core.models import load_model
 
     model = spec.partition(":")[2].strip()
     if model:
@@ -59,8 +59,8 @@ def make_trait_judge(spec: str | None, trait: TraitSpec, lm: LoadedModel | None 
 
         return EmbeddingJudge(trait)
     if _is_api(key):
+        from personavec.core.llm import make_client
         from personavec.judging.llm import ApiJudge
-        from personavec.llm import make_client
 
         client = make_client(key)
         return ApiJudge(client, trait.judge_prompt, client.name)
@@ -92,8 +92,8 @@ def make_coherence_judge(spec: str | None, lm: LoadedModel) -> Judge:
 
         return PerplexityCoherence(lm)
     if _is_api(key):
+        from personavec.core.llm import make_client
         from personavec.judging.llm import ApiJudge, coherence_prompt
-        from personavec.llm import make_client
 
         client = make_client(key)
         return ApiJudge(client, coherence_prompt, client.name)

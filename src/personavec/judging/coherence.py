@@ -2,7 +2,7 @@
 
 Fluent text has a high mean per-token log-likelihood under a language model; word salad has a low one.
 The answer is scored *given its question as a user turn* (the exact prompt/response boundary comes from
-:func:`personavec.conversations.encode`), under the unsteered target model.
+:func:`personavec.core.conversations.encode`), under the unsteered target model.
 
 Log-likelihoods are not comparable across models, so the map to 0-100 is calibrated per model at
 construction: a few built-in fluent reference answers and word-shuffled copies of them are scored with
@@ -24,11 +24,11 @@ from collections.abc import Sequence
 
 import torch
 
-from personavec.activations import default_max_padding, forward_mask, length_batches, pad_batch
-from personavec.conversations import Encoded, encode
+from personavec.core.activations import default_max_padding, forward_mask, length_batches, pad_batch
+from personavec.core.conversations import Encoded, encode
+from personavec.core.models import LoadedModel
+from personavec.core.parallel import choose_workers, ordered_map
 from personavec.judging.base import JudgeItem
-from personavec.models import LoadedModel
-from personavec.parallel import choose_workers, ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _HIGH, _LOW = 90.0, 10.0
 # (a random model does not); the curve is then kept flat rather than blown up or inverted.
 _MIN_GAP = 0.05
 # Used when an item has no question: the chat template needs a non-empty user turn.
-_NO_QUESTION = "Please answer."
+NO_QUESTION = "Please answer."
 
 # Plain, everyday answers in the register chat models use; their shuffled copies are the "incoherent"
 # end of the calibration.
@@ -139,7 +139,8 @@ class PerplexityCoherence:
         name: ``perplexity:<model fingerprint>``.
         lm: The (unsteered) model that scores answers.
         calibration: ``(fluent mean, shuffled mean)`` log-likelihood per token of the references.
-        workers: Batches scored at once on a CPU (``None``: see :func:`personavec.parallel.choose_workers`).
+        workers: Batches scored at once on a CPU (``None``: see
+            :func:`personavec.core.parallel.choose_workers`).
     """
 
     def __init__(
@@ -180,7 +181,7 @@ class PerplexityCoherence:
 
     def _encode(self, item: JudgeItem) -> Encoded:
         conv = [
-            {"role": "user", "content": item.question if item.question.strip() else _NO_QUESTION},
+            {"role": "user", "content": item.question if item.question.strip() else NO_QUESTION},
             {"role": "assistant", "content": item.answer},
         ]
         enc = encode(self.lm.tokenizer, conv)

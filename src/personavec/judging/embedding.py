@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 from personavec.judging.base import JudgeItem
 from personavec.traits.spec import TraitSpec
 

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from personavec.activations import pad_batch
-from personavec.conversations import Encoded, encode, render_prompt
-from personavec.errors import PersonavecError
+from personavec.core.activations import pad_batch
+from personavec.core.conversations import Encoded, encode, render_prompt
+from personavec.core.errors import PersonavecError
+from personavec.core.llm import ChatClient, Completion
+from personavec.core.models import LoadedModel
+from personavec.core.parallel import choose_workers, ordered_map
 from personavec.judging.base import JudgeItem
-from personavec.llm import ChatClient, Completion
-from personavec.models import LoadedModel
-from personavec.parallel import choose_workers, ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ class LocalJudge:
         name: ``local:<model id>``.
         lm: The judge model.
         single_token: Whether every number is one token (the one-pass path).
-        workers: Items scored at once on a CPU (``None``: see :func:`personavec.parallel.choose_workers`).
+        workers: Items scored at once on a CPU (``None``: see
+            :func:`personavec.core.parallel.choose_workers`).
     """
 
     def __init__(

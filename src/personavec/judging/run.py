@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from personavec.generation import ResponseRow
+from personavec.core.store import JsonlStore, record_key
+from personavec.extract.responses import ResponseRow
 from personavec.judging.base import Judge, JudgeItem
-from personavec.store import JsonlStore, record_key
 
 
 def judge_responses(

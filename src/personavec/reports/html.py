@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 
 if TYPE_CHECKING:
-    from personavec.models import LoadedModel
+    from personavec.core.models import LoadedModel
 
 REPORT_NAME = "report.html"
 SWEEP_NAME = "sweep.json"
@@ -186,9 +186,9 @@ def _heldout_examples(
     run_dir: Path, lm: LoadedModel, summary: dict[str, Any], n: int = 4
 ) -> list[dict[str, Any]]:
     """Re-read a few held-out answers (two per polarity) for the heatmap when no sweep stored tokens."""
-    from personavec.readback import read_back
-    from personavec.store import JsonlStore
-    from personavec.vectors import PersonaVector
+    from personavec.core.store import JsonlStore
+    from personavec.core.vectors import PersonaVector
+    from personavec.steer.readback import read_back
 
     vec_path = run_dir / "vector.safetensors"
     store_path = run_dir / "responses.jsonl"
@@ -218,7 +218,7 @@ def _heldout_examples(
 
 def _monitoring_section(result: dict[str, Any], folder: Path) -> list[str]:
     """The Monitoring section: r values, level means and the plots of ``monitor-experiment``."""
-    from personavec.monitor_experiment import plot_results
+    from personavec.monitor.experiment import plot_results
 
     parts = ["<h2 id='monitoring'>Monitoring</h2>"]
     parts.append(

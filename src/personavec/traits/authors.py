@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 from personavec.traits.spec import TraitSpec, parse_spec, validation_lines
 
 if TYPE_CHECKING:
-    from personavec.llm import ChatClient
+    from personavec.core.llm import ChatClient
 
 Author = Callable[[str, str], TraitSpec]
 """Something that writes a spec: ``author(name, description) -> TraitSpec``."""
@@ -445,7 +445,7 @@ def llm_author(client: ChatClient, max_attempts: int = 3) -> Author:
     problems are sent back to the model and it tries again.
 
     Args:
-        client: Any :class:`~personavec.llm.ChatClient`; its ``name`` is recorded as the author.
+        client: Any :class:`~personavec.core.llm.ChatClient`; its ``name`` is recorded as the author.
         max_attempts: Replies to try before giving up.
 
     Returns:
@@ -525,7 +525,7 @@ def build_artifacts(name: str, description: str, author: str | Author | None = N
                 f"unknown author '{author}': use openai:MODEL or anthropic:MODEL, "
                 "or leave it out for the offline templates"
             )
-        from personavec.llm import make_client  # lazy: the offline path needs no client code
+        from personavec.core.llm import make_client  # lazy: the offline path needs no client code
 
         chosen = llm_author(make_client(author))
     elif callable(author):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 from personavec.traits.spec import TraitSpec, load_spec_file, parse_spec
 
 if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; only the type checker needs it

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 
 
 class PromptPair(BaseModel):

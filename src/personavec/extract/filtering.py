@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from personavec.generation import ResponseRow
+from personavec.extract.responses import ResponseRow
 
 
 @dataclass(frozen=True)

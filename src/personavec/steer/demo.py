@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from personavec.activations import capture_activations, response_mean
-from personavec.generation import SamplingParams, generate
-from personavec.models import LoadedModel
-from personavec.steering import steer
-from personavec.vectors import PersonaVector, VectorMeta, mean_difference
+from personavec.core.activations import capture_activations, response_mean
+from personavec.core.generation import SamplingParams, generate
+from personavec.core.models import LoadedModel
+from personavec.core.steering import steer
+from personavec.core.vectors import PersonaVector, VectorMeta, mean_difference
 
 # (question, answer showing the trait, answer showing its opposite); written for this demo.
 _CONTRASTS = [
@@ -87,7 +87,7 @@ def demo_vector(lm: LoadedModel) -> PersonaVector:
         model_fingerprint=lm.info.fingerprint,
         n_blocks=lm.info.n_blocks,
         hidden_size=lm.info.hidden_size,
-        extra={"source": "personavec.demo hand-written contrasts"},
+        extra={"source": "personavec.steer.demo hand-written contrasts"},
     )
     return mean_difference(acts[: len(pos)], acts[len(pos) :], meta)
 

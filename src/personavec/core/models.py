@@ -9,7 +9,7 @@
 * a local folder with a transformers checkpoint;
 * a Hugging Face id (served from the local HF cache when ``HF_HUB_OFFLINE=1``).
 
-Layer numbering follows :mod:`personavec.layers`.
+Layer numbering follows :mod:`personavec.core.layers`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

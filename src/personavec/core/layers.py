@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 
 
 def check_layers(layers: Iterable[int], n_blocks: int, *, allow_embeddings: bool = True) -> list[int]:

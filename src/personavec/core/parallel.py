@@ -7,9 +7,10 @@ SmolLM2-135M (``bench/bench_streams.py``, paired rounds): generation 1.44x, capt
 perplexity and local judges 1.06-1.07x. An accelerator keeps one stream: there larger batches, not
 threads, are what fill the device.
 
-Used by :func:`personavec.activations.iter_activations`, :func:`personavec.generation.iter_generate`,
-the perplexity coherence judge, the local LLM judge and :func:`personavec.sweep.sweep` (whose streams
-each steer their own batches, see ``steer(this_thread_only=True)``).
+Used by :func:`personavec.core.activations.iter_activations`,
+:func:`personavec.core.generation.iter_generate`, the perplexity coherence judge, the local LLM judge
+and :func:`personavec.steer.sweep.sweep` (whose streams each steer their own batches, see
+``steer(this_thread_only=True)``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import TypeVar
 
 import torch
 
-from personavec.errors import PersonavecError
-from personavec.models import LoadedModel
+from personavec.core.errors import PersonavecError
+from personavec.core.models import LoadedModel
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from personavec.errors import PersonavecError
-from personavec.layers import check_layers
-from personavec.vectors import PersonaVector, VectorMeta
+from personavec.core.errors import PersonavecError
+from personavec.core.layers import check_layers
+from personavec.core.vectors import PersonaVector, VectorMeta
 
 GGUF_ARCH = "controlvector"
 _DIRECTION_RE = re.compile(r"direction\.(\d+)")

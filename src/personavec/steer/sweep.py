@@ -3,7 +3,7 @@
 For every cell of a grid of layers x coefficients the trait's evaluation questions are answered under
 steering, and each answer is measured twice:
 
-* judge-free (:mod:`personavec.readback`): the unsteered model re-reads the answer; the response-mean
+* judge-free (:mod:`personavec.steer.readback`): the unsteered model re-reads the answer; the response-mean
   projection at one fixed *read-back layer* (the vector's recommended layer, so all cells share a unit)
   is the trait expression, and the perplexity ratio to the unsteered answers is the fluency cost;
 * with judges, when given: trait and coherence scores 0-100.
@@ -17,7 +17,7 @@ in *fractions of the residual-stream norm*: ``coef * ||v_l|| / r_l`` with ``r_l`
 residual norm at layer ``l`` on neutral text. A fraction means the same on every model and layer; a raw
 coefficient does not. Cells whose added norm would push the residual past ``10 x r_l`` are refused.
 
-Everything is cached in a :class:`~personavec.store.JsonlStore`, so a killed sweep resumes and a repeated
+Everything is cached in a :class:`~personavec.core.store.JsonlStore`, so a killed sweep resumes and a repeated
 one recomputes nothing.
 """
 
@@ -34,19 +34,19 @@ from typing import Any, TypeGuard
 
 import torch
 
-from personavec.activations import capture_activations, response_mean
-from personavec.errors import PersonavecError
-from personavec.generation import SamplingParams, generate
+from personavec.core.activations import capture_activations, response_mean
+from personavec.core.errors import PersonavecError
+from personavec.core.generation import SamplingParams, generate
+from personavec.core.layers import check_layers
+from personavec.core.models import LoadedModel
+from personavec.core.parallel import choose_workers, ordered_map, raise_if_stopping
+from personavec.core.steering import steer
+from personavec.core.store import JsonlStore, record_key
+from personavec.core.vectors import PersonaVector
 from personavec.judging.base import Judge, JudgeItem
 from personavec.judging.coherence import REFERENCES, PerplexityCoherence, repetition_share
-from personavec.layers import check_layers
-from personavec.models import LoadedModel
-from personavec.parallel import choose_workers, ordered_map, raise_if_stopping
-from personavec.readback import ReadBack, read_back
-from personavec.steering import steer
-from personavec.store import JsonlStore, record_key
+from personavec.steer.readback import ReadBack, read_back
 from personavec.traits.spec import TraitSpec
-from personavec.vectors import PersonaVector
 
 log = logging.getLogger(__name__)
 
@@ -469,7 +469,7 @@ def sweep(
         batch_size: Prompts per generation / read-back batch.
         workers: Batches run at once, each in its own thread with its own steering (default: 2 on a
             CPU, 1 on an accelerator, 1 while the model carries hooks; see
-            :func:`personavec.parallel.choose_workers`). The batches and seeds are the same either way.
+            :func:`personavec.core.parallel.choose_workers`). The batches and seeds are the same either way.
 
     Returns:
         The :class:`SweepResult`.

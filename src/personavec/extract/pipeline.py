@@ -1,11 +1,11 @@
 """The whole extraction run: trait spec -> answers -> scores -> kept pairs -> vectors -> evaluation.
 
-Each step is a public function of its own module (:func:`~personavec.traits.build_artifacts`,
-:func:`~personavec.generation.generate_responses`, :func:`~personavec.judging.run.judge_responses`,
-:func:`~personavec.filtering.filter_responses`, :func:`~personavec.extraction.extract_vector`), so a
-researcher can swap any of them; :func:`run_extraction` only wires them together and writes the run
-folder. Generation and judging are cached in JSONL stores in that folder, so rerunning the same command
-after a crash resumes where it stopped.
+Each step is a public function of its own module (``traits.build_artifacts``,
+``extract.responses.generate_responses``, ``judging.run.judge_responses``,
+``extract.filtering.filter_responses``, ``extract.extraction.extract_vector``), so a researcher can swap
+any of them; :func:`run_extraction` only wires them together and writes the run folder. Generation and
+judging are cached in JSONL stores in that folder, so rerunning the same command after a crash resumes
+where it stopped.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from personavec import __version__
-from personavec.errors import PersonavecError
-from personavec.extraction import evaluate_layers, extract_vector, finite_or_low
-from personavec.filtering import Thresholds, filter_responses
-from personavec.generation import ResponseRow, SamplingParams, generate_responses
-from personavec.models import LoadedModel
-from personavec.monitoring import calibrate
-from personavec.store import JsonlStore
+from personavec.core.errors import PersonavecError
+from personavec.core.generation import SamplingParams
+from personavec.core.models import LoadedModel
+from personavec.core.store import JsonlStore
+from personavec.core.vectors import PersonaVector
+from personavec.extract.extraction import evaluate_layers, extract_vector, finite_or_low
+from personavec.extract.filtering import Thresholds, filter_responses
+from personavec.extract.responses import ResponseRow, generate_responses
+from personavec.monitor.monitoring import calibrate
 from personavec.traits.spec import TraitSpec
-from personavec.vectors import PersonaVector
 
 # A progress factory: given a stage label and its total, returns the callback that advances it.
 ProgressFactory = Callable[[str, int], Callable[[int], None]]

@@ -1,6 +1,6 @@
 """The persona vector: an ``[L + 1, d]`` tensor plus what is needed to trust and reuse it.
 
-Row ``l`` is the direction at layer index ``l`` (see :mod:`personavec.layers`: 0 = embeddings,
+Row ``l`` is the direction at layer index ``l`` (see :mod:`personavec.core.layers`: 0 = embeddings,
 l = output of block l). Vectors are values: arithmetic returns new vectors.
 
 File format: one ``.safetensors`` file with a single float32 tensor ``persona_vector`` of shape
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from personavec import __version__
-from personavec.errors import PersonavecError
-from personavec.layers import check_layers
+from personavec.core.errors import PersonavecError
+from personavec.core.layers import check_layers
 
 TENSOR_KEY = "persona_vector"
 HEADER_KEY = "personavec"
@@ -44,14 +44,14 @@ class VectorMeta:
     Attributes:
         trait: Trait name (``evil``), or an expression for derived vectors (``evil - humorous``).
         model_id: Model the vector was made on.
-        model_fingerprint: :func:`personavec.models.fingerprint` of that model.
+        model_fingerprint: :func:`personavec.core.models.fingerprint` of that model.
         n_blocks: Decoder blocks ``L`` of that model.
         hidden_size: Residual width ``d``.
         method: How it was made (``mean_diff``, ``imported:...``, ``arithmetic``).
         pooling: Token pooling the means were taken over (``response_mean`` ...).
         n_positive: Samples behind the positive mean.
         n_negative: Samples behind the negative mean.
-        layer_convention: The convention of :mod:`personavec.layers`, spelled out.
+        layer_convention: The convention of :mod:`personavec.core.layers`, spelled out.
         created: ISO-8601 UTC creation time.
         version: personavec version that made it.
         extra: Free-form JSON-able details (trait hash, judge, thresholds, recommendations ...).

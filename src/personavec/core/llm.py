@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class ChatClient(Protocol):
         temperature: float = 0.0,
         logprobs: bool = False,
     ) -> Completion:
-        """Reply to ``messages``; raises :class:`personavec.errors.PersonavecError` after retries fail."""
+        """Reply to ``messages``; raises :class:`~personavec.core.errors.PersonavecError` if retries fail."""
         ...
 
 

@@ -1,7 +1,7 @@
 """Add (or ablate) a persona vector in the residual stream, and project activations onto it.
 
 Steering at layer ``l`` changes the output of decoder block ``l`` (layer convention of
-:mod:`personavec.layers`), so everything downstream, including the KV cache, sees the change.
+:mod:`personavec.core.layers`), so everything downstream, including the KV cache, sees the change.
 
 The hooks live exactly as long as the ``with steer(...)`` block, are removed on any exit (exceptions
 included), never modify tensors in place, and so also work under autograd: fine-tuning can train through
@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from personavec.errors import PersonavecError
-from personavec.layers import check_layers
-from personavec.models import LoadedModel
-from personavec.vectors import PersonaVector
+from personavec.core.errors import PersonavecError
+from personavec.core.layers import check_layers
+from personavec.core.models import LoadedModel
+from personavec.core.vectors import PersonaVector
 
 # A mode maps (hidden [B, T, d], direction [d], coef, position mask [B, T, 1]) to the new hidden; coef is a
 # float, or a [B, 1, 1] tensor when each row of the batch has its own strength.
@@ -114,7 +114,12 @@ class _PositionTracker:
         return chosen.view(1, -1, 1)
 
 
-def _resolve(positions: Positions) -> Positions:
+def check_positions(positions: Positions) -> Positions:
+    """Validate a steering ``positions`` argument and return it unchanged.
+
+    Raises:
+        PersonavecError: If it is neither ``all``, ``prompt``, ``response`` nor a bool mask.
+    """
     if isinstance(positions, str) and positions not in ("all", "prompt", "response"):
         raise PersonavecError(
             f"positions must be 'all', 'prompt', 'response' or a bool mask, not '{positions}'"
@@ -179,7 +184,7 @@ def steer(
     plan: list[tuple[int, Tensor, float | Tensor, Positions, Mode]] = []
     for spec in specs:
         spec.vector.check_model(n_blocks, d, lm.info.id)
-        pos = _resolve(spec.positions)
+        pos = check_positions(spec.positions)
         value = _strength(spec.coef)
         for layer in check_layers(spec.layers, n_blocks, allow_embeddings=False):
             plan.append((layer, spec.vector.at(layer), value, pos, spec.mode))

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from personavec.errors import PersonavecError
+from personavec.core.errors import PersonavecError
 
 ROLES = ("system", "user", "assistant")
 Message = Mapping[str, str]

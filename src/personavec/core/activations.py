@@ -4,7 +4,7 @@ One forward pass of the backbone (never the LM head) per batch, hooks on the dec
 pooling step inside the hook, so full hidden states never pile up: memory is bounded by the batch's
 token budget, not by the size of the data. The pass stops right after the deepest requested block.
 
-Layer indices follow :mod:`personavec.layers` (0 = embeddings, l = output of block l).
+Layer indices follow :mod:`personavec.core.layers` (0 = embeddings, l = output of block l).
 
 Batches are formed by length bucketing (longest first, then as many as fit in ``token_budget`` while
 padding stays under ``max_padding``), so little compute is spent on padding. Each example's result does
@@ -12,7 +12,7 @@ not depend on its batch: position ids are derived from the attention mask, so le
 give the same numbers as running it alone.
 
 On a CPU two batches run at once, each in its own thread with half the intra-op threads (see
-:mod:`personavec.parallel`); the hooks are registered once per call and each thread records into its
+:mod:`personavec.core.parallel`); the hooks are registered once per call and each thread records into its
 own slot, so concurrent passes never see each other's results.
 """
 
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from personavec.conversations import Conversation, Encoded, encode
-from personavec.errors import PersonavecError
-from personavec.layers import check_layers
-from personavec.models import LoadedModel
-from personavec.parallel import choose_workers, ordered_map
+from personavec.core.conversations import Conversation, Encoded, encode
+from personavec.core.errors import PersonavecError
+from personavec.core.layers import check_layers
+from personavec.core.models import LoadedModel
+from personavec.core.parallel import choose_workers, ordered_map
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def iter_activations(
         padding_side: ``right`` or ``left``; results are the same either way.
         workers: Batches run at once, each in its own thread (default: 2 on a CPU, 1 on an
             accelerator; always 1 while the model carries other hooks, such as steering's, see
-            :func:`personavec.parallel.choose_workers`).
+            :func:`personavec.core.parallel.choose_workers`).
         on_batch: Called with the number of examples after each batch (progress bars).
 
     Yields:
@@ -261,7 +261,7 @@ def iter_activations(
     # Chosen before our own hooks go in: other hooks on the model keep capture on one stream.
     workers = choose_workers(lm, workers, len(batches))
 
-    with _layer_hooks(lm, wanted) as (slot, ours):
+    with layer_hooks(lm, wanted) as (slot, ours):
 
         def run(batch: list[int]) -> list[ExampleActivations]:
             return _run_batch(
@@ -277,11 +277,19 @@ def iter_activations(
 
 
 @contextlib.contextmanager
-def _layer_hooks(lm: LoadedModel, wanted: list[int]) -> Iterator[tuple[threading.local, set[int]]]:
-    """Hooks on the wanted layers for one capture call; yields the slot and the hooks' ids.
+def layer_hooks(lm: LoadedModel, wanted: list[int]) -> Iterator[tuple[threading.local, set[int]]]:
+    """Hooks on the wanted layers (our convention) that record only for threads that ask to.
 
-    A thread records by setting ``slot.record``; threads that have not set it (a caller's own forward
-    passes between two yielded examples, or another capture's workers) pass through untouched.
+    A thread records by setting ``slot.record = fn`` (called as ``fn(layer, hidden)``); threads that
+    have not set it (a caller's own forward passes between two yielded examples, another capture's
+    workers, a server's other requests) pass through untouched. The hooks are removed on any exit.
+
+    Args:
+        lm: The model.
+        wanted: Layer indices in ``0..L`` (0 hooks the input of block 1).
+
+    Yields:
+        The thread-local slot and the ids of the hooks (to tell them apart from a caller's).
     """
     slot = threading.local()
 

@@ -4,7 +4,7 @@ Steering changes what the model *says*; to measure the trait in what it said, ea
 is read again by the **unsteered** model, without any system prompt (as in held-out evaluation), and
 
 * the response-mean activation at one layer is projected onto the vector's unit direction there
-  (:func:`personavec.steering.project`): the *trait read-back*, in residual-stream units;
+  (:func:`personavec.core.steering.project`): the *trait read-back*, in residual-stream units;
 * the mean per-token log-likelihood of the answer gives its perplexity under the unsteered model;
   a steered answer whose perplexity is far above the unsteered answers' has stopped being fluent.
 
@@ -22,21 +22,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from personavec.activations import (
+from personavec.core.activations import (
     BatchLayout,
-    _layer_hooks,
     default_max_padding,
     forward_mask,
+    layer_hooks,
     length_batches,
     pad_batch,
     response_mean,
 )
-from personavec.conversations import Encoded, encode
-from personavec.errors import PersonavecError
-from personavec.judging.coherence import _NO_QUESTION, answer_log_likelihoods
-from personavec.layers import check_layers
-from personavec.models import LoadedModel
-from personavec.vectors import PersonaVector
+from personavec.core.conversations import Encoded, encode
+from personavec.core.errors import PersonavecError
+from personavec.core.layers import check_layers
+from personavec.core.models import LoadedModel
+from personavec.core.vectors import PersonaVector
+from personavec.judging.coherence import NO_QUESTION, answer_log_likelihoods
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def read_back(
         # Encoded exactly as the perplexity judge encodes, so a sweep can score coherence from these
         # log-likelihoods instead of a second pass.
         conv = [
-            {"role": "user", "content": question if question.strip() else _NO_QUESTION},
+            {"role": "user", "content": question if question.strip() else NO_QUESTION},
             {"role": "assistant", "content": answer},
         ]
         enc = encode(lm.tokenizer, conv)
@@ -174,7 +174,7 @@ def _hooked_pass(
 
     # Capture's hooks record only the calling thread's pass: another thread may run its own passes
     # through this model meanwhile (the sweep's streams).
-    with _layer_hooks(lm, [layer]) as (slot, _ours):
+    with layer_hooks(lm, [layer]) as (slot, _ours):
         slot.record = lambda _layer, hidden: captured.__setitem__("h", hidden.float())
         with torch.inference_mode():
             logits = lm.model(

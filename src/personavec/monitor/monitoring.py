@@ -1,6 +1,6 @@
 """Monitoring: read a trait off the residual stream before (and while) the model answers.
 
-The predictor is the paper's: the scalar projection (:func:`personavec.steering.project`) of the
+The predictor is the paper's: the scalar projection (:func:`personavec.core.steering.project`) of the
 activation at the *last prompt token*, the position right before the model writes its first answer
 token, onto the persona vector at one layer. Raw projections are in residual-stream units and depend on
 model and layer, so a vector can carry a *calibration*: the distribution of that same projection over a
@@ -16,7 +16,7 @@ Calibration lives in the vector's metadata, ``meta.extra["calibration"]``::
      "model_fingerprint": "...", "pooling": "last_prompt", "created": "...",
      "layers": {"15": {"mean": ..., "std": ..., "n": 48, "values": [sorted projections]}}}
 
-Layer indices follow :mod:`personavec.layers` (0 = embeddings, l = output of block l).
+Layer indices follow :mod:`personavec.core.layers` (0 = embeddings, l = output of block l).
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessorList
 
-from personavec.activations import capture_activations, last_prompt, pad_batch
-from personavec.conversations import Conversation, encode, validate
-from personavec.errors import PersonavecError
-from personavec.generation import SamplingParams, _PerRowSampler
-from personavec.layers import check_layers
-from personavec.models import LoadedModel
-from personavec.steering import project
-from personavec.vectors import PersonaVector
+from personavec.core.activations import capture_activations, last_prompt, pad_batch
+from personavec.core.conversations import Conversation, encode, validate
+from personavec.core.errors import PersonavecError
+from personavec.core.generation import PerRowSampler, SamplingParams
+from personavec.core.layers import check_layers
+from personavec.core.models import LoadedModel
+from personavec.core.steering import project
+from personavec.core.vectors import PersonaVector
 
 NEUTRAL_SET_NAME = "neutral-v1"
 
@@ -499,9 +499,9 @@ def _generate_traced(
         ids, layout, _ = pad_batch(chunk, pad_id, "left", lm.device)
         processors = LogitsProcessorList()
         if params.temperature > 0:
-            # Same per-row seeds as personavec.generation.generate, so answers match it row for row.
+            # Same per-row seeds as personavec.core.generation.generate, so answers match it row for row.
             seeds = [params.seed * 1_000_003 + i for i in range(start, start + len(chunk))]
-            processors.append(_PerRowSampler(seeds, params.temperature, params.top_p))
+            processors.append(PerRowSampler(seeds, params.temperature, params.top_p))
         out, stacked = _hooked_generate(
             lm, ids, layout.attention_mask, dev_units, processors, params.max_new_tokens + 1
         )

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from personavec.activations import DEFAULT_POOLINGS, capture_activations, response_mean
-from personavec.errors import PersonavecError
-from personavec.generation import ResponseRow
-from personavec.models import LoadedModel
-from personavec.vectors import PersonaVector, VectorMeta, mean_difference
+from personavec.core.activations import DEFAULT_POOLINGS, capture_activations, response_mean
+from personavec.core.errors import PersonavecError
+from personavec.core.models import LoadedModel
+from personavec.core.vectors import PersonaVector, VectorMeta, mean_difference
+from personavec.extract.responses import ResponseRow
 
 
 def extract_vector(

@@ -8,9 +8,9 @@ Two ways of moving the model along the trait without steering it:
   placed before the evaluation question.
 
 For every (level, question, rollout) sample we record the projection of the *last prompt token* (the
-position right before the answer, exactly as :func:`personavec.monitoring.monitor` reads it) at the
+position right before the answer, exactly as :func:`personavec.monitor.monitoring.monitor` reads it) at the
 vector's recommended layer, generate the answer, and measure how much the answer shows the trait: the
-judge-free read-back (:func:`personavec.readback.read_back`, always) and, when a judge is given, its
+judge-free read-back (:func:`personavec.steer.readback.read_back`, always) and, when a judge is given, its
 0-100 score. Pearson r between projection and trait expression is reported across samples and across
 level means (the paper's r = 0.75-0.83 mostly reflects differences *between* prompt types).
 
@@ -34,14 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from personavec.errors import PersonavecError
-from personavec.generation import SamplingParams, generate
-from personavec.models import LoadedModel
-from personavec.monitoring import monitor
-from personavec.readback import read_back
-from personavec.store import JsonlStore, record_key
+from personavec.core.errors import PersonavecError
+from personavec.core.generation import SamplingParams, generate
+from personavec.core.models import LoadedModel
+from personavec.core.store import JsonlStore, record_key
+from personavec.core.vectors import PersonaVector
+from personavec.monitor.monitoring import monitor
+from personavec.steer.readback import read_back
 from personavec.traits.spec import TraitSpec
-from personavec.vectors import PersonaVector
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
@@ -155,7 +155,7 @@ def llm_ladder(spec: TraitSpec, author: str, *, k: int = 9, attempts: int = 3) -
 
     Args:
         spec: The trait spec.
-        author: Client spec for :func:`personavec.llm.make_client`.
+        author: Client spec for :func:`personavec.core.llm.make_client`.
         k: Number of prompts asked for (at least :data:`MIN_LADDER` are required back).
         attempts: Tries; each retry tells the model what was wrong.
 
@@ -165,7 +165,7 @@ def llm_ladder(spec: TraitSpec, author: str, *, k: int = 9, attempts: int = 3) -
     Raises:
         PersonavecError: If no valid ladder came back.
     """
-    from personavec.llm import make_client
+    from personavec.core.llm import make_client
     from personavec.traits.authors import extract_json_object
 
     client = make_client(author)

@@ -1,0 +1,1 @@
+"""Mechanics that know no stage: models, layers, conversations, activations, vectors, steering."""

@@ -1,0 +1,1 @@
+"""Stage 2: monitor prompts and generations by projecting onto persona vectors."""
