@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import math
 import sys
 import threading
@@ -10,13 +12,14 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
 from personavec.core.errors import PersonavecError
-from personavec.core.llm import Completion, make_client
+from personavec.core.llm import Completion, OpenAIClient, make_client
 from personavec.core.models import LoadedModel
 from personavec.judging import Judge, JudgeItem, make_coherence_judge, make_trait_judge
 from personavec.judging.coherence import PerplexityCoherence, repetition_share, shuffle_words
@@ -107,6 +110,11 @@ def _script(scenario: str, attempt: int) -> tuple[int, dict[str, Any], float]:
         return 429, {"error": {"message": "slow down", "type": "rate_limit"}}, 0
     if scenario == "slow":
         return 200, _chat_reply("55", None), 1.5
+    if scenario == "nologprobs":  # a server that rejects the logprobs parameter (vLLM-style 400)
+        rejected = {
+            "error": {"message": "logprobs is not supported", "type": "BadRequestError", "param": None}
+        }
+        return (400, rejected, 0) if attempt == 1 else (200, _chat_reply("Score: 85", None), 0)
     if scenario == "auth":
         return 401, {"error": {"message": f"Incorrect API key provided: {SECRET}", "type": "auth"}}, 0
     return 400, {"error": {"message": f"unknown scenario {scenario}"}}, 0
@@ -209,6 +217,10 @@ def test_api_judge_scores_every_scripted_reply(api_env: _State) -> None:
     assert api_env.attempts["flaky500"] == 2 and api_env.attempts["once429"] == 2
     assert api_env.attempts["slow"] == 3  # first try + 2 retries, each cut by the timeout
     assert judge.failures == 1  # only the timeout was a failed request; the rest were bad replies
+    methods = dict(zip(scenarios, judge.methods))
+    assert methods["good"] == "logprobs" and methods["plain"] == "text" and methods["slow"] is None
+    # Logprobs with too little mass on numbers leave the item unscored; the text is not read instead.
+    assert methods["lowmass"] == "logprobs"
     body = api_env.bodies[0]
     assert body["logprobs"] is True and body["top_logprobs"] == 20 and body["temperature"] == 0.0
 
@@ -231,6 +243,15 @@ def test_api_logprobs_reach_the_completion(api_env: _State) -> None:
     assert reply.text == "85" and reply.top_logprobs is not None
     assert reply.top_logprobs["90"] == pytest.approx(math.log(0.3))
     assert client.complete([{"role": "user", "content": "plain"}]).top_logprobs is None
+
+
+def test_api_client_drops_logprobs_a_server_rejects(api_env: _State) -> None:
+    client = make_client("openai:fake", timeout=2, max_retries=0)
+    for _ in range(3):
+        reply = client.complete([{"role": "user", "content": "nologprobs"}], logprobs=True)
+        assert reply == Completion("Score: 85")
+    # One rejected request, the same item again without logprobs, and none asked for after that.
+    assert ["logprobs" in body for body in api_env.bodies] == [True, False, False, False]
 
 
 def test_anthropic_client_moves_the_system_prompt(api_env: _State) -> None:
@@ -267,6 +288,121 @@ def test_score_parsing() -> None:
     assert expected_from_logprobs({"20": math.log(0.2), "x": math.log(0.8)}) is None
     assert expected_from_logprobs({"20": math.log(0.3), "x": math.log(0.7)}) == pytest.approx(20.0)
     assert expected_from_logprobs({"200": math.log(0.9)}) is None
+
+
+# --------------------------------------------------------------------------- servers without logprobs
+
+
+def _status_error(status: int, message: str) -> Exception:
+    """The error the openai SDK raises for an HTTP error status, built the way the SDK builds it."""
+    import openai
+
+    # openai 1.x is built on httpx, newer releases on httpx2; the error takes either's Response.
+    httpx = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
+    body = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    request = httpx.Request("POST", "http://fake.invalid/v1/chat/completions")
+    response = httpx.Response(status, request=request, json={"error": body})
+    cls = {400: openai.BadRequestError, 401: openai.AuthenticationError}[status]
+    return cls(f"Error code: {status} - {message}", response=response, body=body)
+
+
+class _FakeOpenAI:
+    """Stands in for ``openai.OpenAI``: raises ``reject`` when asked for logprobs, ``plain_error`` when
+    not, and otherwise answers "Score: 85" without logprobs."""
+
+    def __init__(self, reject: Exception | None = None, plain_error: Exception | None = None) -> None:
+        self.reject = reject
+        self.plain_error = plain_error
+        self.lock = threading.Lock()
+        self.calls: list[dict[str, Any]] = []
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    def create(self, **kwargs: Any) -> Any:
+        from openai.types.chat import ChatCompletion
+
+        with self.lock:
+            self.calls.append(kwargs)
+        time.sleep(0.005)  # lets the judge's worker threads overlap, as real requests would
+        error = self.reject if kwargs.get("logprobs") else self.plain_error
+        if error is not None:
+            raise error
+        return ChatCompletion.model_validate(_chat_reply("Score: 85", None))
+
+    @property
+    def logprob_calls(self) -> int:
+        return sum(bool(c.get("logprobs")) for c in self.calls)
+
+
+def _client_for(fake: _FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> OpenAIClient:
+    import openai
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setattr(openai, "OpenAI", lambda **_: fake)
+    client = make_client("openai:fake")
+    assert isinstance(client, OpenAIClient)
+    return client
+
+
+def test_api_judge_falls_back_to_text_when_logprobs_are_rejected(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = _FakeOpenAI(reject=_status_error(400, f"logprobs is not supported (key {SECRET})"))
+    client = _client_for(fake, monkeypatch)
+    judge = ApiJudge(client, _echo, max_workers=8)
+    items = [JudgeItem("q", f"answer {i}") for i in range(40)]
+    with caplog.at_level(logging.WARNING):
+        assert judge.score(items) == [85.0] * 40
+        assert judge.methods == ["text"] * 40 and judge.failures == 0
+        assert judge.score(items[:5]) == [85.0] * 5
+    assert judge.methods == ["text"] * 5 and client.logprobs_accepted is False
+    # One rejected request across 8 threads and two calls; every item was asked once without logprobs.
+    assert fake.logprob_calls == 1 and len(fake.calls) == 1 + 45
+    assert "rejects logprobs" in caplog.text and SECRET not in caplog.text
+    assert judge.name == "openai:fake"
+
+
+def test_api_judge_reads_text_when_the_server_sends_no_logprobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeOpenAI()
+    client = _client_for(fake, monkeypatch)
+    judge = ApiJudge(client, _echo, max_workers=4)
+    assert judge.score([JudgeItem("q", f"a{i}") for i in range(10)]) == [85.0] * 10
+    assert judge.methods == ["text"] * 10 and judge.failures == 0
+    # Nothing was rejected, so nothing is remembered: every request still asks for logprobs.
+    assert client.logprobs_accepted is True and fake.logprob_calls == len(fake.calls) == 10
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [(400, "This model's maximum context length is 8192 tokens"), (401, f"Incorrect API key: {SECRET}")],
+)
+def test_api_errors_other_than_logprobs_still_raise(
+    monkeypatch: pytest.MonkeyPatch, status: int, message: str
+) -> None:
+    fake = _FakeOpenAI(reject=_status_error(status, message))
+    client = _client_for(fake, monkeypatch)
+    for _ in range(2):
+        with pytest.raises(PersonavecError, match=str(status)) as e:
+            client.complete([{"role": "user", "content": "x"}], logprobs=True)
+        assert SECRET not in str(e.value)
+    # Neither retried without logprobs nor remembered as a rejection.
+    assert fake.logprob_calls == len(fake.calls) == 2 and client.logprobs_accepted is None
+    judge = ApiJudge(client, _echo)
+    assert judge.score([JudgeItem("q", "a")]) == [None]
+    assert judge.failures == 1 and judge.methods == [None]
+
+
+def test_a_logprobs_rejection_whose_retry_fails_is_not_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeOpenAI(
+        reject=_status_error(400, "logprobs is not supported"),
+        plain_error=_status_error(401, f"Incorrect API key: {SECRET}"),
+    )
+    client = _client_for(fake, monkeypatch)
+    with pytest.raises(PersonavecError, match="authentication failed") as e:
+        client.complete([{"role": "user", "content": "x"}], logprobs=True)
+    assert SECRET not in str(e.value)
+    assert [bool(c.get("logprobs")) for c in fake.calls] == [True, False]
+    assert client.logprobs_accepted is None
 
 
 # --------------------------------------------------------------------------- embedding judge

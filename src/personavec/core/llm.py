@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from personavec.core.errors import PersonavecError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,15 @@ def _key(variable: str, provider: str) -> str:
 class OpenAIClient:
     """An OpenAI-compatible chat endpoint (OpenAI, or vLLM / llama.cpp / Ollama via ``OPENAI_BASE_URL``).
 
+    Some compatible servers reject the ``logprobs`` parameter (HTTP 400/422 naming it). The first such
+    rejection is remembered: that request is sent again without it, and so is every later one, so a
+    judge falls back to reading the reply text at the cost of one failed request in all.
+
     Attributes:
         name: ``openai:<model>``.
         model: The model name sent with each request.
+        logprobs_accepted: Whether the server takes ``logprobs`` requests: ``None`` until one was
+            answered, then ``True``, or ``False`` once the server rejected one.
     """
 
     def __init__(
@@ -115,6 +125,8 @@ class OpenAIClient:
         self.model = model
         self.name = f"openai:{model}"
         self._retries = max_retries
+        self.logprobs_accepted: bool | None = None
+        self._probe_lock = threading.Lock()
 
     def complete(
         self,
@@ -126,6 +138,8 @@ class OpenAIClient:
     ) -> Completion:
         """Reply to ``messages``; with ``logprobs`` also the first token's top-20 alternatives.
 
+        If the server rejects ``logprobs``, the reply comes without them (``top_logprobs`` is ``None``).
+
         Raises:
             PersonavecError: One line, once the client's retries are exhausted or on a non-retryable error.
         """
@@ -135,24 +149,67 @@ class OpenAIClient:
             "max_tokens": max_tokens,
             "temperature": temperature,
         }
-        if logprobs:
-            kwargs.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+        if logprobs and self.logprobs_accepted is None:
+            # Until a server has answered one logprobs request, send them one at a time: one that
+            # rejects them then costs a single failed request, not one per worker thread.
+            with self._probe_lock:
+                if self.logprobs_accepted is None:
+                    return self._reply(self._create(kwargs, logprobs=True))
+        ask = logprobs and self.logprobs_accepted is not False
+        return self._reply(self._create(kwargs, logprobs=ask))
+
+    def _create(self, kwargs: dict[str, Any], *, logprobs: bool) -> Any:
+        """The SDK's reply, with logprobs if asked and the server does not reject them."""
+        create = self._client.chat.completions.create
         try:
-            resp = self._client.chat.completions.create(**kwargs)
+            if not logprobs:
+                return create(**kwargs)
+            try:
+                resp = create(**kwargs, logprobs=True, top_logprobs=TOP_LOGPROBS)
+            except self._openai.OpenAIError as e:
+                if not _rejects_logprobs(e):
+                    raise
+                resp = create(**kwargs)
+                # Remembered only once the retry worked: had it failed too, the 400 was not (only)
+                # about logprobs, and that error is the one to report.
+                self._note_rejection(e)
+                return resp
+            self.logprobs_accepted = True
+            return resp
         except self._openai.OpenAIError as e:
             raise PersonavecError(_describe(self.name, e, self._key, self._retries)) from None
+
+    def _note_rejection(self, error: Exception) -> None:
+        if self.logprobs_accepted is not False:
+            log.warning(
+                "%s: the server rejects logprobs (%s); reading scores from the reply text instead",
+                self.name,
+                _one_line(str(getattr(error, "message", "") or error), self._key),
+            )
+        self.logprobs_accepted = False
+
+    def _reply(self, resp: Any) -> Completion:
         if not resp.choices:
             raise PersonavecError(f"{self.name}: the reply had no choices")
         choice = resp.choices[0]
         text = choice.message.content or ""
         top: dict[str, float] | None = None
-        content = getattr(choice.logprobs, "content", None) if logprobs else None
+        content = getattr(choice.logprobs, "content", None)
         if content:
             top = {}
             for alt in content[0].top_logprobs or []:
                 # Keep the likelier entry if a server lists one token string twice.
                 top[alt.token] = max(alt.logprob, top.get(alt.token, -math.inf))
         return Completion(text, top)
+
+
+def _rejects_logprobs(error: Exception) -> bool:
+    """Whether an SDK error is a server refusing the ``logprobs`` parameters (400/422 naming them)."""
+    if getattr(error, "status_code", None) not in (400, 422):
+        return False
+    # Servers put the reason in different places: the message, ``param``, or a bare/odd body.
+    said = " ".join(str(getattr(error, a, "") or "") for a in ("message", "param", "body"))
+    return "logprob" in said.lower()
 
 
 class AnthropicClient:

@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,6 +32,8 @@ from personavec.judging.base import JudgeItem
 log = logging.getLogger(__name__)
 
 Template = Callable[[str, str], str]
+# How an API judge read a score: the expected value over ``top_logprobs``, or the number in the text.
+ScoreMethod = Literal["logprobs", "text"]
 
 COHERENCE_RUBRIC = """\
 You are rating the language quality of an AI assistant's answer, not its opinions or its values.
@@ -108,10 +110,16 @@ def score_completion(completion: Completion, min_mass: float = MIN_NUMBER_MASS) 
 class ApiJudge:
     """A judge that sends the filled rubric to a chat API, several requests at a time.
 
+    A reply with ``top_logprobs`` is scored from them; one without (a backend that has none, or a
+    server that rejects the ``logprobs`` parameter, see :class:`~personavec.core.llm.OpenAIClient`)
+    from the number in its text. :attr:`methods` records which, per item.
+
     Attributes:
         name: Recorded identifier (default: the client's ``provider:model``).
         client: The chat client.
         failures: How many items of the last :meth:`score` call were unscored because a request failed.
+        methods: For each item of the last :meth:`score` call, how its reply was read (``"logprobs"``
+            or ``"text"``), or ``None`` where the request failed.
     """
 
     def __init__(
@@ -131,25 +139,28 @@ class ApiJudge:
         self.max_tokens = max_tokens
         self.min_mass = min_mass
         self.failures = 0
+        self.methods: list[ScoreMethod | None] = []
 
-    def _one(self, item: JudgeItem) -> tuple[float | None, bool]:
+    def _one(self, item: JudgeItem) -> tuple[float | None, ScoreMethod | None]:
         messages = [{"role": "user", "content": self.template(item.question, item.answer)}]
         try:
             reply = self.client.complete(messages, max_tokens=self.max_tokens, temperature=0.0, logprobs=True)
         except PersonavecError as e:
             # Unscored, never 0: a failed request says nothing about the answer.
             log.warning("%s: request failed, item left unscored: %s", self.name, e)
-            return None, True
-        return score_completion(reply, self.min_mass), False
+            return None, None
+        method: ScoreMethod = "logprobs" if reply.top_logprobs else "text"
+        return score_completion(reply, self.min_mass), method
 
     def score(self, items: Sequence[JudgeItem]) -> list[float | None]:
         """Score each item 0-100 (``None`` = refusal, no usable number, or a failed request), in order."""
         if not items:
-            self.failures = 0
+            self.failures, self.methods = 0, []
             return []
         with ThreadPoolExecutor(max_workers=min(self.max_workers, len(items))) as pool:
             results = list(pool.map(self._one, items))
-        self.failures = sum(failed for _, failed in results)
+        self.methods = [m for _, m in results]
+        self.failures = sum(m is None for m in self.methods)
         return [s for s, _ in results]
 
 
