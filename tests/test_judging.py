@@ -9,7 +9,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +21,8 @@ import torch
 from personavec.core.errors import PersonavecError
 from personavec.core.llm import Completion, OpenAIClient, make_client
 from personavec.core.models import LoadedModel
+from personavec.core.store import JsonlStore
+from personavec.extract.responses import ResponseRow
 from personavec.judging import Judge, JudgeItem, make_coherence_judge, make_trait_judge
 from personavec.judging.coherence import PerplexityCoherence, repetition_share, shuffle_words
 from personavec.judging.embedding import EmbeddingJudge
@@ -31,6 +33,7 @@ from personavec.judging.llm import (
     expected_from_logprobs,
     parse_score,
 )
+from personavec.judging.run import judge_responses, score_methods
 from personavec.traits.spec import TraitSpec, load_spec_file
 
 from .conftest import make_tokenizer, tiny
@@ -403,6 +406,85 @@ def test_a_logprobs_rejection_whose_retry_fails_is_not_remembered(monkeypatch: p
     assert SECRET not in str(e.value)
     assert [bool(c.get("logprobs")) for c in fake.calls] == [True, False]
     assert client.logprobs_accepted is None
+
+
+# --------------------------------------------------------------------------- judging step (scores.jsonl)
+
+
+def _row(i: int, answer: str) -> ResponseRow:
+    return ResponseRow(f"r{i}", "extraction", 0, "pos", i, 0, "sys", f"q{i}", answer)
+
+
+class _MethodJudge:
+    """Scores ``len(answer)``; reports "text" for answers starting with "t", else "logprobs"."""
+
+    name = "fake:methods"
+
+    def __init__(self) -> None:
+        self.methods: list[str | None] = []
+        self.batches: list[int] = []
+
+    def score(self, items: Sequence[JudgeItem]) -> list[float | None]:
+        self.batches.append(len(items))
+        self.methods = ["text" if it.answer.startswith("t") else "logprobs" for it in items]
+        return [float(len(it.answer)) for it in items]
+
+
+class _PlainJudge:
+    name = "fake:plain"
+
+    def score(self, items: Sequence[JudgeItem]) -> list[float | None]:
+        return [50.0] * len(items)
+
+
+def test_judge_responses_records_how_each_score_was_read(tmp_path: Path) -> None:
+    rows = [_row(0, "text one"), _row(1, "logits"), _row(2, "   "), _row(3, "tt"), _row(4, "lp")]
+    store = JsonlStore(tmp_path / "scores.jsonl")
+    judge = _MethodJudge()
+    scores = judge_responses(rows, judge, store, kind="trait", batch_size=3)
+    assert scores == {"r0": 8.0, "r1": 6.0, "r2": None, "r3": 2.0, "r4": 2.0}
+    assert judge.batches == [2, 2]  # the empty answer is never sent
+    reread = {r["response_key"]: r for r in JsonlStore(tmp_path / "scores.jsonl").records()}
+    assert {k: r["method"] for k, r in reread.items()} == {
+        "r0": "text",
+        "r1": "logprobs",
+        "r2": None,  # unscored: not read at all
+        "r3": "text",
+        "r4": "logprobs",
+    }
+    # The method is not part of the cache key: a rerun recomputes nothing.
+    again = JsonlStore(tmp_path / "scores.jsonl")
+    assert judge_responses(rows, judge, again, kind="trait") == scores and judge.batches == [2, 2]
+    assert score_methods(again) == {"logprobs": 2, "text": 2}
+
+    # A judge without `methods` still works and writes records without the field, as before.
+    plain = judge_responses(rows, _PlainJudge(), again, kind="coherence")
+    assert plain == {"r0": 50.0, "r1": 50.0, "r2": None, "r3": 50.0, "r4": 50.0}
+    assert all("method" not in r for r in again.records() if r["kind"] == "coherence")
+    assert score_methods(again, kind="coherence") == {}
+    assert score_methods(again, kind="trait") == {"logprobs": 2, "text": 2}
+    assert score_methods(again, judge="fake:plain") == {}
+
+    # Methods that do not match the batch are ignored rather than misattributed.
+    judge.score = lambda items: [1.0] * len(items)  # type: ignore[method-assign]
+    judge.methods = ["text"]
+    judge_responses(rows[:2], judge, again, kind="other")
+    assert all("method" not in r for r in again.records() if r["kind"] == "other")
+
+    # Old records (no `method`) are read back as scores and simply not counted.
+    old = JsonlStore(tmp_path / "old.jsonl")
+    old.append([{"key": "k", "response_key": "r0", "judge": "j", "kind": "trait", "score": 70}])
+    assert score_methods(JsonlStore(tmp_path / "old.jsonl")) == {}
+
+
+def test_judge_responses_records_an_api_judges_methods(api_env: _State, tmp_path: Path) -> None:
+    judge = ApiJudge(make_client("openai:fake", timeout=2, max_retries=0), _echo, max_workers=2)
+    rows = [_row(0, "good"), _row(1, "plain"), _row(2, "malformed")]
+    store = JsonlStore(tmp_path / "scores.jsonl")
+    scores = judge_responses(rows, judge, store, kind="trait")
+    assert scores["r1"] == 72.0 and scores["r2"] is None
+    assert [r["method"] for r in store.records()] == ["logprobs", "text", "text"]
+    assert score_methods(store, kind="trait", judge="openai:fake") == {"logprobs": 1, "text": 2}
 
 
 # --------------------------------------------------------------------------- embedding judge
