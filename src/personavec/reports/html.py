@@ -4,8 +4,9 @@ Plots are drawn with matplotlib (Agg backend, no display needed), saved as PNG b
 embedded in it as base64 ``data:`` URIs, so the single file can be mailed or archived on its own.
 
 Inputs, all optional except ``summary.json`` or ``sweep.json``: ``trait.yaml``, ``summary.json``
-(extraction counts and per-layer separation), ``sweep.json`` (dose-response and example answers with
-per-token projections). With a model at hand and no token data stored, a few held-out answers are
+(extraction counts and per-layer separation; when present, the vector's ``quality`` and how its layer
+was chosen, ``layer_choice``), ``sweep.json`` (dose-response and example answers with per-token
+projections). With a model at hand and no token data stored, a few held-out answers are
 re-read to draw the per-token heatmap.
 """
 
@@ -216,68 +217,6 @@ def _heldout_examples(
     ]
 
 
-def _monitoring_section(result: dict[str, Any], folder: Path) -> list[str]:
-    """The Monitoring section: r values, level means and the plots of ``monitor-experiment``."""
-    from personavec.monitor.experiment import plot_results
-
-    parts = ["<h2 id='monitoring'>Monitoring</h2>"]
-    parts.append(
-        f"<p>Last-prompt-token projection at layer {_esc(result.get('layer'))} against the trait shown in "
-        f"the answer, measured by {_esc(result.get('measure'))}. Pearson r across samples and across "
-        "level means, and across samples with each question's mean removed (the question alone moves both "
-        "numbers). The paper reports r = 0.75-0.83 for graded system prompts.</p>"
-    )
-    rows = []
-    for name in ("ladder", "many_shot"):
-        for measure, r in (result.get(name) or {}).get("r", {}).items():
-            rows.append(
-                [
-                    _esc(name.replace("_", "-")),
-                    _esc(measure),
-                    _fmt(r["samples"], 2),
-                    _fmt(r["levels"], 2),
-                    _fmt(r.get("within_questions"), 2),
-                ]
-            )
-    parts.append(
-        _table(["experiment", "measure", "r (samples)", "r (level means)", "r (within questions)"], rows)
-    )
-    try:
-        paths = plot_results(result, folder)
-    except Exception as e:  # a broken plot must not cost the rest of the report
-        parts.append(f"<p class='muted'>plots not drawn: {_esc(e)}</p>")
-        paths = {}
-    for name, path in paths.items():
-        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-        parts.append(f"<img alt='monitoring: {_esc(name)}' src='{uri}'>")
-    for name in ("ladder", "many_shot"):
-        block = result.get(name)
-        if not block:
-            continue
-        has_judge = any("mean_judge" in lv for lv in block["levels"])
-        header = [
-            "level",
-            "prompt" if name == "ladder" else "shots",
-            "n",
-            "mean projection",
-            "mean read-back",
-        ]
-        level_rows = []
-        for lv in block["levels"]:
-            row = [
-                str(lv["level"]),
-                _esc(lv["label"]),
-                str(lv["n"]),
-                _fmt(lv["mean_projection"]),
-                _fmt(lv["mean_readback"]),
-            ]
-            if has_judge:
-                row.append(_fmt(lv.get("mean_judge"), 1))
-            level_rows.append(row)
-        parts.append(_table(header + (["mean judge"] if has_judge else []), level_rows))
-    return parts
-
-
 def write_report(
     run_dir: str | os.PathLike[str],
     *,
@@ -306,11 +245,7 @@ def write_report(
         raise PersonavecError(f"{folder} has no summary.json or {SWEEP_NAME}: not a run folder")
     target = Path(out) if out is not None else folder / REPORT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
-    spec: dict[str, Any] | None = None
-    if (folder / "trait.yaml").is_file():
-        loaded = yaml.safe_load((folder / "trait.yaml").read_text(encoding="utf-8"))
-        spec = loaded if isinstance(loaded, dict) else None
-
+    spec = _read_spec(folder / "trait.yaml")
     trait = (
         (spec or {}).get("name")
         or (summary or {}).get("trait")
@@ -318,191 +253,340 @@ def write_report(
     )
     model = (summary or {}).get("model", {}).get("id") or (sweep or {}).get("settings", {}).get("model")
     parts = [f"<h1>Persona vector report: {_esc(trait)}</h1>", f"<p class='muted'>model: {_esc(model)}</p>"]
-
-    # -- trait spec --------------------------------------------------------------------------------
-    parts.append("<h2 id='trait'>Trait</h2>")
-    if spec:
-        pairs = spec.get("pairs") or []
-        parts.append(f"<p>{_esc(spec.get('description', ''))}</p>")
-        parts.append(
-            _table(
-                ["prompt pairs", "extraction questions", "evaluation questions", "version"],
-                [
-                    [
-                        str(len(pairs)),
-                        str(len(spec.get("extraction_questions") or [])),
-                        str(len(spec.get("evaluation_questions") or [])),
-                        _esc(spec.get("version", "")),
-                    ]
-                ],
-            )
-        )
-        if pairs:
-            parts.append(
-                f"<p>First pair &mdash; eliciting:</p><blockquote>{_esc(pairs[0]['positive'])}</blockquote>"
-                f"<p>suppressing:</p><blockquote>{_esc(pairs[0]['negative'])}</blockquote>"
-            )
-    else:
-        parts.append("<p class='muted'>no trait.yaml in this folder.</p>")
-
-    # -- extraction: filtering and separation -------------------------------------------------------
-    parts.append("<h2 id='filtering'>Filtering</h2>")
-    if summary:
-        c = summary.get("counts", {})
-        rows = []
-        for pol, name in (("pos", "positive (eliciting)"), ("neg", "negative (suppressing)")):
-            rows.append(
-                [
-                    name,
-                    str(c.get(f"total_{pol}", "-")),
-                    str(c.get(f"kept_{pol}", "-")),
-                    str(c.get(f"dropped_trait_{pol}", "-")),
-                    str(c.get(f"dropped_incoherent_{pol}", "-")),
-                    str(c.get(f"dropped_unscored_{pol}", "-")),
-                ]
-            )
-        parts.append(
-            _table(
-                ["side", "answers", "kept", "dropped: trait", "dropped: incoherent", "dropped: unscored"],
-                rows,
-            )
-        )
-        parts.append(
-            f"<p>Judges: {_esc(summary.get('trait_judge'))} | {_esc(summary.get('coherence_judge'))}</p>"
-        )
-    else:
-        parts.append("<p class='muted'>no extraction summary.</p>")
-
-    parts.append("<h2 id='separation'>Per-layer separation</h2>")
-    if summary and summary.get("evaluation"):
-        evaluation = summary["evaluation"]
-        rec = summary.get("recommended_layer")
-        uri = _separation_plot(evaluation, rec, folder / "separation.png")
-        parts.append(f"<img alt='per-layer separation' src='{uri}'>")
-        names = list(evaluation)
-        layers = evaluation[names[0]]["layers"]
-        rows = []
-        classes = []
-        for i, layer in enumerate(layers):
-            row = [str(layer)]
-            for nm in names:
-                row += [_fmt(evaluation[nm]["auroc"][i]), _fmt(evaluation[nm]["effect_size"][i], 2)]
-            rows.append(row)
-            classes.append("chosen" if layer == rec else "")
-        header = ["layer"] + [f"{nm} {k}" for nm in names for k in ("AUROC", "d")]
-        parts.append(
-            f"<p>Recommended layer: <b>{_esc(rec)}</b> "
-            f"(labels: {_esc(evaluation[names[0]].get('labels', ''))})</p>"
-        )
-        parts.append(_table(header, rows, classes))
-    else:
-        parts.append("<p class='muted'>no per-layer evaluation.</p>")
-
-    # -- monitoring experiment ----------------------------------------------------------------------
+    parts += _quality_box((summary or {}).get("quality"))
+    parts += _trait_section(spec)
+    parts += _filtering_section(summary)
+    parts += _separation_section(summary, folder)
+    parts += _layer_choice_section((summary or {}).get("layer_choice"), folder)
     monitoring = _read_json(folder / MONITORING_NAME)
     if monitoring:
-        parts.extend(_monitoring_section(monitoring, folder))
+        parts += _monitoring_section(monitoring, folder)
+    parts += _sweep_sections(sweep, folder)
+    parts += _heatmap_section(folder, summary, sweep, lm)
+    _write_page(target, trait, parts)
+    return target
 
-    # -- sweep --------------------------------------------------------------------------------------
-    parts.append("<h2 id='dose-response'>Dose-response</h2>")
-    token_examples: list[dict[str, Any]] = []
-    heat_layer = (summary or {}).get("recommended_layer")
+
+# -- the report's parts, in page order ------------------------------------------------------------------
+def _read_spec(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return loaded if isinstance(loaded, dict) else None
+
+
+_QUALITY_COLOURS = {"good": "#2e7d32", "usable": "#b26a00", "weak": "#c62828"}  # green, amber, red
+
+
+def _quality_box(quality: object) -> list[str]:
+    """A short box on the vector's quality (``summary["quality"]``); nothing when it is absent."""
+    if not isinstance(quality, dict):
+        return []
+    level = str(quality.get("level") or "unknown")
+    colour = _QUALITY_COLOURS.get(level, "#777")
+    kept = quality.get("kept")
+    kept = kept if isinstance(kept, dict) else {}
+    facts = [
+        f"kept answers: {_esc(kept.get('positive', '-'))} positive, "
+        f"{_esc(kept.get('negative', '-'))} negative",
+        f"held-out AUROC {_fmt(quality.get('heldout_auroc'))}, "
+        f"effect size {_fmt(quality.get('heldout_effect_size'), 2)}",
+        f"filter: {_esc(quality.get('filter', '-'))}",
+    ]
+    warnings = quality.get("warnings")
+    warnings = warnings if isinstance(warnings, list) else []
+    bullets = "".join(f"<li>{_esc(w)}</li>" for w in warnings)
+    box = f"border-left:6px solid {colour};background:#fafafa;padding:.2em 1em;margin:1em 0"
+    return [
+        f"<div id='quality' style='{box}'>"
+        f"<p><b>Vector quality: <span style='color:{colour}'>{_esc(level)}</span></b></p>"
+        f"<p>{'; '.join(facts)}.</p>" + (f"<ul>{bullets}</ul>" if bullets else "") + "</div>"
+    ]
+
+
+def _trait_section(spec: dict[str, Any] | None) -> list[str]:
+    """The trait's description, sizes and first prompt pair, from ``trait.yaml``."""
+    parts = ["<h2 id='trait'>Trait</h2>"]
+    if not spec:
+        return [*parts, "<p class='muted'>no trait.yaml in this folder.</p>"]
+    pairs = spec.get("pairs") or []
+    parts.append(f"<p>{_esc(spec.get('description', ''))}</p>")
+    sizes = [
+        str(len(pairs)),
+        str(len(spec.get("extraction_questions") or [])),
+        str(len(spec.get("evaluation_questions") or [])),
+        _esc(spec.get("version", "")),
+    ]
+    parts.append(_table(["prompt pairs", "extraction questions", "evaluation questions", "version"], [sizes]))
+    if pairs:
+        parts.append(
+            f"<p>First pair &mdash; eliciting:</p><blockquote>{_esc(pairs[0]['positive'])}</blockquote>"
+            f"<p>suppressing:</p><blockquote>{_esc(pairs[0]['negative'])}</blockquote>"
+        )
+    return parts
+
+
+def _filtering_section(summary: dict[str, Any] | None) -> list[str]:
+    """How many extraction answers each filter kept and dropped, per side."""
+    parts = ["<h2 id='filtering'>Filtering</h2>"]
+    if not summary:
+        return [*parts, "<p class='muted'>no extraction summary.</p>"]
+    c = summary.get("counts", {})
+    rows = [
+        [
+            name,
+            *(
+                str(c.get(f"{count}_{pol}", "-"))
+                for count in ("total", "kept", "dropped_trait", "dropped_incoherent", "dropped_unscored")
+            ),
+        ]
+        for pol, name in (("pos", "positive (eliciting)"), ("neg", "negative (suppressing)"))
+    ]
+    header = ["side", "answers", "kept", "dropped: trait", "dropped: incoherent", "dropped: unscored"]
+    parts.append(_table(header, rows))
+    parts.append(
+        f"<p>Judges: {_esc(summary.get('trait_judge'))} | {_esc(summary.get('coherence_judge'))}</p>"
+    )
+    return parts
+
+
+def _separation_section(summary: dict[str, Any] | None, folder: Path) -> list[str]:
+    """Held-out AUROC and effect size per layer and pooling: a plot and a table."""
+    parts = ["<h2 id='separation'>Per-layer separation</h2>"]
+    if not summary or not summary.get("evaluation"):
+        return [*parts, "<p class='muted'>no per-layer evaluation.</p>"]
+    evaluation = summary["evaluation"]
+    rec = summary.get("recommended_layer")
+    uri = _separation_plot(evaluation, rec, folder / "separation.png")
+    parts.append(f"<img alt='per-layer separation' src='{uri}'>")
+    names = list(evaluation)
+    layers = evaluation[names[0]]["layers"]
+    rows = []
+    for i, layer in enumerate(layers):
+        row = [str(layer)]
+        for nm in names:
+            row += [_fmt(evaluation[nm]["auroc"][i]), _fmt(evaluation[nm]["effect_size"][i], 2)]
+        rows.append(row)
+    classes = ["chosen" if layer == rec else "" for layer in layers]
+    header = ["layer"] + [f"{nm} {k}" for nm in names for k in ("AUROC", "d")]
+    parts.append(
+        f"<p>Recommended layer: <b>{_esc(rec)}</b> "
+        f"(labels: {_esc(evaluation[names[0]].get('labels', ''))})</p>"
+    )
+    parts.append(_table(header, rows, classes))
+    return parts
+
+
+def _layer_choice_section(choice: object, folder: Path) -> list[str]:
+    """How the layer was chosen (``summary["layer_choice"]``): the rule and its scores per layer."""
+    if not isinstance(choice, dict):
+        return []
+    layer = choice.get("layer")
+    candidates = ", ".join(_esc(c) for c in choice.get("candidates") or [])
+    parts = [
+        "<h2 id='layer-choice'>Layer choice</h2>",
+        f"<p>{_esc(choice.get('rule', ''))}</p>",
+        f"<p>Chosen layer: <b>{_esc(layer)}</b>"
+        + (f" (candidates: {candidates})" if candidates else "")
+        + "</p>",
+    ]
+    scores = {str(k): v for k, v in (choice.get("scores") or {}).items() if isinstance(v, list) and v}
+    if scores:
+        uri = _layer_choice_plot(
+            scores, layer if isinstance(layer, int) else None, folder / "layer_choice.png"
+        )
+        parts.append(f"<img alt='layer choice scores' src='{uri}'>")
+    return parts
+
+
+def _layer_choice_plot(scores: dict[str, list[float | None]], layer: int | None, path: Path) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 3.4))
+    for name, values in scores.items():
+        # None (a score not defined at that layer) becomes a gap in the line.
+        ys = [math.nan if v is None else float(v) for v in values]
+        ax.plot(range(1, len(ys) + 1), ys, marker=".", label=name)
+    if layer is not None:
+        ax.axvline(layer, color="#999", linestyle="--", linewidth=1, label=f"chosen: layer {layer}")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # layers are whole numbers
+    ax.set_xlabel("layer (output of block l)")
+    ax.set_title("layer-choice scores")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig, path)
+
+
+def _monitoring_section(result: dict[str, Any], folder: Path) -> list[str]:
+    """The Monitoring section: r values, level means and the plots of ``monitor-experiment``."""
+    from personavec.monitor.experiment import plot_results
+
+    parts = ["<h2 id='monitoring'>Monitoring</h2>"]
+    parts.append(
+        f"<p>Last-prompt-token projection at layer {_esc(result.get('layer'))} against the trait shown in "
+        f"the answer, measured by {_esc(result.get('measure'))}. Pearson r across samples and across "
+        "level means, and across samples with each question's mean removed (the question alone moves both "
+        "numbers). The paper reports r = 0.75-0.83 for graded system prompts.</p>"
+    )
+    rows = [
+        [
+            _esc(name.replace("_", "-")),
+            _esc(measure),
+            _fmt(r["samples"], 2),
+            _fmt(r["levels"], 2),
+            _fmt(r.get("within_questions"), 2),
+        ]
+        for name in ("ladder", "many_shot")
+        for measure, r in (result.get(name) or {}).get("r", {}).items()
+    ]
+    parts.append(
+        _table(["experiment", "measure", "r (samples)", "r (level means)", "r (within questions)"], rows)
+    )
+    try:
+        paths = plot_results(result, folder)
+    except Exception as e:  # a broken plot must not cost the rest of the report
+        parts.append(f"<p class='muted'>plots not drawn: {_esc(e)}</p>")
+        paths = {}
+    for name, path in paths.items():
+        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(f"<img alt='monitoring: {_esc(name)}' src='{uri}'>")
+    for name in ("ladder", "many_shot"):
+        block = result.get(name)
+        if block:
+            parts.append(_levels_table(name, block))
+    return parts
+
+
+def _levels_table(name: str, block: dict[str, Any]) -> str:
+    """One monitoring experiment's mean projection, read-back (and judge score) per level."""
+    has_judge = any("mean_judge" in lv for lv in block["levels"])
+    header = ["level", "prompt" if name == "ladder" else "shots", "n", "mean projection", "mean read-back"]
+    rows = []
+    for lv in block["levels"]:
+        row = [
+            str(lv["level"]),
+            _esc(lv["label"]),
+            str(lv["n"]),
+            _fmt(lv["mean_projection"]),
+            _fmt(lv["mean_readback"]),
+        ]
+        if has_judge:
+            row.append(_fmt(lv.get("mean_judge"), 1))
+        rows.append(row)
+    return _table(header + (["mean judge"] if has_judge else []), rows)
+
+
+def _sweep_sections(sweep: dict[str, Any] | None, folder: Path) -> list[str]:
+    """The Dose-response and Example answers sections, from ``sweep.json``."""
+    if not sweep:
+        return [
+            "<h2 id='dose-response'>Dose-response</h2>",
+            "<p class='muted'>no sweep result yet: run <code>personavec sweep</code>.</p>",
+            "<h2 id='examples'>Example answers</h2><p class='muted'>from a sweep only.</p>",
+        ]
+    uri = _dose_plot(sweep, folder / "dose_response.png")
+    by = sweep["choice"].get("chosen_by", {})
+    parts = [
+        "<h2 id='dose-response'>Dose-response</h2>",
+        f"<img alt='dose-response' src='{uri}'>",
+        f"<p>Chosen by: trait = {_esc(by.get('trait'))}; guard = {_esc(by.get('guard'))}.</p>",
+    ]
+    parts += [_choice_line(kind, sweep["choice"].get(kind)) for kind in ("amplify", "suppress")]
+    parts.append(_cells_table(sweep))
+    agr = sweep.get("agreement", {})
+    parts.append(
+        "<p>Agreement across cells (Spearman): read-back vs judge trait "
+        f"{_fmt(agr.get('readback_vs_judge_trait'), 2)}; perplexity ratio vs judge coherence "
+        f"{_fmt(agr.get('ppl_ratio_vs_judge_coherence'), 2)}.</p>"
+    )
+    parts += [f"<p class='muted'>warning: {_esc(w)}</p>" for w in sweep.get("warnings", [])]
+    parts.append("<h2 id='examples'>Example answers</h2>")
+    parts.append(_examples_table(sweep.get("examples", [])))
+    return parts
+
+
+def _choice_line(kind: str, ch: dict[str, Any] | None) -> str:
+    text = (
+        f"layer {ch['layer']}, coef {ch['coef']:.4g} "
+        f"({100 * ch['coef_fraction_of_residual_norm']:.1f}% of residual norm): "
+        f"read-back {_fmt(ch['trait_readback'])} vs {_fmt(ch['baseline_trait_readback'])} unsteered, "
+        f"perplexity ratio {_fmt(ch['ppl_ratio'], 2)}"
+        if ch
+        else "none passed the guard"
+    )
+    return f"<p><b>{kind}</b>: {_esc(text)}</p>"
+
+
+def _cells_table(sweep: dict[str, Any]) -> str:
+    """Every sweep cell, the unsteered baselines first; the chosen cells highlighted."""
+    choice = sweep["choice"]
+    rows, classes = [], []
+    for cell in [*sweep["baselines"].values(), *sweep["cells"]]:
+        ch = choice.get(cell["condition"])
+        chosen = bool(ch) and (ch["layer"], ch["coef"]) == (cell["layer"], cell["coef"])
+        refused = cell["refused"]
+        rows.append(
+            [
+                _esc(cell["condition"]),
+                "unsteered" if cell["layer"] == 0 else str(cell["layer"]),
+                _fmt(cell["coef"], 4),
+                f"{100 * cell['fraction']:.1f}%",
+                "refused" if refused else _fmt(cell["trait"]),
+                "-" if refused else _fmt(cell["ppl_ratio"], 2),
+                "-" if refused else _fmt(cell.get("repetition"), 2),
+                _fmt(cell.get("judge_trait"), 1),
+                _fmt(cell.get("judge_coherence"), 1),
+            ]
+        )
+        classes.append("chosen" if chosen else "")
+    header = ["condition", "layer", "coef", "% residual", "trait read-back", "ppl ratio"]
+    header += ["repeated 3-grams", "judge trait", "judge coh."]
+    return _table(header, rows, classes)
+
+
+def _where(ex: dict[str, Any]) -> str:
+    return "unsteered" if ex["layer"] == 0 else f"layer {ex['layer']}"
+
+
+def _examples_table(examples: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            _esc(ex["condition"]),
+            _esc(_where(ex)),
+            f"{100 * ex['fraction']:.1f}%",
+            _esc(ex["question"]),
+            _esc(ex["answer"]),
+            _fmt(ex["projection"]),
+        ]
+        for ex in examples
+    ]
+    return _table(["condition", "steered at", "% residual", "question", "answer", "read-back"], rows)
+
+
+def _heatmap_section(
+    folder: Path, summary: dict[str, Any] | None, sweep: dict[str, Any] | None, lm: LoadedModel | None
+) -> list[str]:
+    """Per-token projections: the sweep's example answers, else held-out answers re-read by ``lm``."""
     if sweep:
-        uri = _dose_plot(sweep, folder / "dose_response.png")
-        parts.append(f"<img alt='dose-response' src='{uri}'>")
-        choice = sweep["choice"]
-        by = choice.get("chosen_by", {})
-        parts.append(f"<p>Chosen by: trait = {_esc(by.get('trait'))}; guard = {_esc(by.get('guard'))}.</p>")
-        for kind in ("amplify", "suppress"):
-            ch = choice.get(kind)
-            text = (
-                f"layer {ch['layer']}, coef {ch['coef']:.4g} "
-                f"({100 * ch['coef_fraction_of_residual_norm']:.1f}% of residual norm): "
-                f"read-back {_fmt(ch['trait_readback'])} vs {_fmt(ch['baseline_trait_readback'])} unsteered, "
-                f"perplexity ratio {_fmt(ch['ppl_ratio'], 2)}"
-                if ch
-                else "none passed the guard"
-            )
-            parts.append(f"<p><b>{kind}</b>: {_esc(text)}</p>")
-        rows, classes = [], []
-        all_cells = [*sweep["baselines"].values(), *sweep["cells"]]
-        for cell in all_cells:
-            ch = choice.get(cell["condition"])
-            chosen = bool(ch) and (ch["layer"], ch["coef"]) == (cell["layer"], cell["coef"])
-            rows.append(
-                [
-                    _esc(cell["condition"]),
-                    "unsteered" if cell["layer"] == 0 else str(cell["layer"]),
-                    _fmt(cell["coef"], 4),
-                    f"{100 * cell['fraction']:.1f}%",
-                    "refused" if cell["refused"] else _fmt(cell["trait"]),
-                    "-" if cell["refused"] else _fmt(cell["ppl_ratio"], 2),
-                    "-" if cell["refused"] else _fmt(cell.get("repetition"), 2),
-                    _fmt(cell.get("judge_trait"), 1),
-                    _fmt(cell.get("judge_coherence"), 1),
-                ]
-            )
-            classes.append("chosen" if chosen else "")
-        parts.append(
-            _table(
-                [
-                    "condition",
-                    "layer",
-                    "coef",
-                    "% residual",
-                    "trait read-back",
-                    "ppl ratio",
-                    "repeated 3-grams",
-                    "judge trait",
-                    "judge coh.",
-                ],
-                rows,
-                classes,
-            )
-        )
-        agr = sweep.get("agreement", {})
-        parts.append(
-            "<p>Agreement across cells (Spearman): read-back vs judge trait "
-            f"{_fmt(agr.get('readback_vs_judge_trait'), 2)}; perplexity ratio vs judge coherence "
-            f"{_fmt(agr.get('ppl_ratio_vs_judge_coherence'), 2)}.</p>"
-        )
-        for w in sweep.get("warnings", []):
-            parts.append(f"<p class='muted'>warning: {_esc(w)}</p>")
-        parts.append("<h2 id='examples'>Example answers</h2>")
-        ex_rows = []
-        for ex in sweep.get("examples", []):
-            where = "unsteered" if ex["layer"] == 0 else f"layer {ex['layer']}"
-            ex_rows.append(
-                [
-                    _esc(ex["condition"]),
-                    _esc(where),
-                    f"{100 * ex['fraction']:.1f}%",
-                    _esc(ex["question"]),
-                    _esc(ex["answer"]),
-                    _fmt(ex["projection"]),
-                ]
-            )
-            if ex.get("tokens"):
-                token_examples.append(
-                    {**ex, "label": f"{ex['condition']}, {where}, {100 * ex['fraction']:.1f}%"}
-                )
-        parts.append(
-            _table(["condition", "steered at", "% residual", "question", "answer", "read-back"], ex_rows)
-        )
-        heat_layer = sweep["readback_layer"]
+        layer = sweep["readback_layer"]
+        token_examples = [
+            {**ex, "label": f"{ex['condition']}, {_where(ex)}, {100 * ex['fraction']:.1f}%"}
+            for ex in sweep.get("examples", [])
+            if ex.get("tokens")
+        ]
     else:
-        parts.append("<p class='muted'>no sweep result yet: run <code>personavec sweep</code>.</p>")
-        parts.append("<h2 id='examples'>Example answers</h2><p class='muted'>from a sweep only.</p>")
-
-    parts.append("<h2 id='heatmap'>Per-token projection</h2>")
+        layer = (summary or {}).get("recommended_layer")
+        token_examples = []
     if not token_examples and lm is not None and summary is not None:
         token_examples = _heldout_examples(folder, lm, summary)
     # Keep the page short: at most six answers, spread over the coefficients.
     if len(token_examples) > 6:
         step = len(token_examples) / 6
         token_examples = [token_examples[int(i * step)] for i in range(6)]
-    parts.append(_heatmap(token_examples, int(heat_layer or 0)))
+    return ["<h2 id='heatmap'>Per-token projection</h2>", _heatmap(token_examples, int(layer or 0))]
 
+
+def _write_page(target: Path, trait: object, parts: list[str]) -> None:
+    """Write the page atomically: a reader never sees half a report."""
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>personavec report: {_esc(trait)}</title><style>{_CSS}</style></head><body>\n"
@@ -514,4 +598,3 @@ def write_report(
         f.write(page)
     os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
     os.replace(tmp, target)
-    return target

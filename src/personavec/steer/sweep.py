@@ -24,13 +24,14 @@ one recomputes nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import torch
 
@@ -51,6 +52,9 @@ from personavec.traits.spec import TraitSpec
 log = logging.getLogger(__name__)
 
 _Row = tuple[str, str, float, str]  # one answer to make: key, condition, coef, question
+_Measured = dict[tuple[str, int, float], list[dict[str, Any]]]  # (condition, layer, coef) -> answer rows
+_Judges = tuple[tuple[Judge | None, str], ...]  # (judge, kind): the trait judge, then the coherence judge
+_CONDITIONS = ("amplify", "suppress")
 
 # A steered residual above this multiple of the layer's usual norm is far off-distribution: refused.
 MAX_NORM_MULTIPLE = 10.0
@@ -477,6 +481,104 @@ def sweep(
     Raises:
         PersonavecError: On a vector/model mismatch, a bad layer or coefficient, or no questions.
     """
+    _check_vector(lm, vector)
+    plan = _plan(lm, vector, spec, store, layers, coefs, n_questions=n_questions, params=params, quick=quick)
+    progress = _Progress(on_progress)
+    judges: _Judges = ((trait_judge, "trait"), (coherence_judge, "coherence"))
+    # Every missing answer first, layer by layer in shared batches; the steps after only read the store.
+    _answer_missing(plan, progress, batch_size=batch_size, workers=workers)
+    measured = _measure(plan, progress, judges)
+    baselines = {c: _baseline(c, measured[(c, 0, 0.0)]) for c in _CONDITIONS}
+    base_ll = {c: _mean_ll(measured[(c, 0, 0.0)]) for c in _CONDITIONS}
+    cells, warnings = _steered_cells(plan.grid, measured, base_ll)
+    use_judge = _judge_guards(coherence_judge, [*cells, *baselines.values()])
+    choice = choose(
+        cells, baselines, use_judge=use_judge, guard=guard, coherence_judge=_name(coherence_judge)
+    )
+    result = SweepResult(
+        cells=cells,
+        baselines=baselines,
+        readback_layer=plan.readback_layer,
+        residual_norms=plan.norms,
+        choice=choice,
+        agreement=_agreement([*baselines.values(), *cells]),
+        warnings=warnings,
+        settings=_settings(plan, spec, coefs=coefs, quick=quick, judges=(trait_judge, coherence_judge)),
+    )
+    result.examples = _examples(lm, vector, result, measured)
+    return result
+
+
+# -- the steps of sweep(), in the order it takes them --------------------------------------------------
+class _GridCell(NamedTuple):
+    condition: str
+    layer: int
+    coef: float
+    fraction: float
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one sweep will do, fixed before the first answer is made."""
+
+    lm: LoadedModel
+    vector: PersonaVector
+    store: JsonlStore
+    params: SamplingParams
+    questions: Sequence[str]
+    layers: list[int]
+    grid: list[_GridCell]
+    readback_layer: int
+    norms: dict[int, float]
+    vhash: str
+    system: dict[str, str | None]  # condition -> system prompt
+
+    def key(self, condition: str, layer: int, coef: float, question: str) -> str:
+        """The store key of one answer: everything that changes it, so a changed setting is new work."""
+        return record_key(
+            {
+                "model": self.lm.info.fingerprint,
+                "vector": self.vhash,
+                "readback_layer": self.readback_layer,
+                "system": self.system[condition],
+                "layer": layer,
+                "coef": round(coef, 10),
+                "question": question,
+                "sampling": asdict(self.params),
+            }
+        )
+
+    def keys(self, condition: str, layer: int, coef: float) -> list[str]:
+        """The keys of one cell's answers, one per question."""
+        return [self.key(condition, layer, coef, q) for q in self.questions]
+
+    def missing(self, condition: str, layer: int, coef: float) -> list[_Row]:
+        """The answers of one cell that are not in the store yet."""
+        keys = self.keys(condition, layer, coef)
+        return [(k, condition, coef, q) for k, q in zip(keys, self.questions) if k not in self.store]
+
+
+class _Progress:
+    """Reports each answer once to ``on_progress``, whether made now or found in the store."""
+
+    def __init__(self, on_progress: Callable[[int], None] | None) -> None:
+        self.on_progress = on_progress
+        self.counted: set[str] = set()
+
+    def made(self, keys: list[str]) -> None:
+        self.counted.update(keys)
+        if self.on_progress is not None:
+            self.on_progress(len(keys))
+
+    def found(self, keys: list[str]) -> None:
+        new = [k for k in keys if k not in self.counted]
+        self.counted.update(new)
+        if self.on_progress is not None and new:
+            self.on_progress(len(new))
+
+
+def _check_vector(lm: LoadedModel, vector: PersonaVector) -> None:
+    """Refuse a vector of another model shape; warn when it was made on other weights of this shape."""
     vector.check_model(lm.info.n_blocks, lm.info.hidden_size, lm.info.id)
     if vector.meta.model_fingerprint and vector.meta.model_fingerprint != lm.info.fingerprint:
         log.warning(
@@ -486,6 +588,21 @@ def sweep(
             lm.info.id,
             lm.info.fingerprint,
         )
+
+
+def _plan(
+    lm: LoadedModel,
+    vector: PersonaVector,
+    spec: TraitSpec,
+    store: JsonlStore,
+    layers: Sequence[int] | None,
+    coefs: Sequence[float] | None,
+    *,
+    n_questions: int | None,
+    params: SamplingParams | None,
+    quick: bool,
+) -> _Plan:
+    """Questions, layers and the grid of coefficients, with the defaults filled in and checked."""
     params = params or SamplingParams(max_new_tokens=32 if quick else 64)
     n_q = n_questions or (5 if quick else None)
     questions = spec.evaluation_questions[:n_q] if n_q else list(spec.evaluation_questions)
@@ -500,12 +617,32 @@ def sweep(
         raise PersonavecError("coefficients must be finite numbers")
     rb_layer = readback_layer(vector)
     norms = residual_norms(lm, sorted({*steer_layers, rb_layer}))
-    vhash = vector_hash(vector)
-    warnings: list[str] = []
+    return _Plan(
+        lm=lm,
+        vector=vector,
+        store=store,
+        params=params,
+        questions=questions,
+        layers=steer_layers,
+        grid=_grid(vector, steer_layers, coefs, norms, quick=quick),
+        readback_layer=rb_layer,
+        norms=norms,
+        vhash=vector_hash(vector),
+        system={"amplify": None, "suppress": spec.pairs[0].positive},
+    )
 
-    # The grid: per condition and layer, the coefficients to run.
-    grid: list[tuple[str, int, float, float]] = []  # condition, layer, coef, fraction
-    for layer in steer_layers:
+
+def _grid(
+    vector: PersonaVector,
+    layers: list[int],
+    coefs: Sequence[float] | None,
+    norms: dict[int, float],
+    *,
+    quick: bool,
+) -> list[_GridCell]:
+    """Per layer, each positive coefficient for ``amplify`` and its negative for ``suppress``."""
+    grid: list[_GridCell] = []
+    for layer in layers:
         if coefs is not None:
             pos = sorted({abs(float(c)) for c in coefs if c != 0})
             cs = [(c, fraction_of_norm(vector, layer, c, norms)) for c in pos]
@@ -513,274 +650,261 @@ def sweep(
             fr = QUICK_FRACTIONS if quick else DEFAULT_FRACTIONS
             cs = [(coef_for_fraction(vector, layer, f, norms), f) for f in fr]
         for c, f in cs:
-            grid.append(("amplify", layer, c, f))
-            grid.append(("suppress", layer, -c, -f))
-    system = {"amplify": None, "suppress": spec.pairs[0].positive}
+            grid.append(_GridCell("amplify", layer, c, f))
+            grid.append(_GridCell("suppress", layer, -c, -f))
+    return grid
 
-    def key(condition: str, layer: int, coef: float, question: str) -> str:
-        return record_key(
-            {
-                "model": lm.info.fingerprint,
-                "vector": vhash,
-                "readback_layer": rb_layer,
-                "system": system[condition],
-                "layer": layer,
-                "coef": round(coef, 10),
-                "question": question,
-                "sampling": asdict(params),
-            }
-        )
 
-    def reuse_readback(judge: Judge) -> TypeGuard[PerplexityCoherence]:
-        # A perplexity judge on this very model, with answers shorter than its truncation, would repeat
-        # the read-back's forward pass and get the same numbers.
-        return (
-            isinstance(judge, PerplexityCoherence)
-            and judge.lm is lm
-            and params.max_new_tokens <= judge.max_answer_tokens
-        )
+def _answer_missing(plan: _Plan, progress: _Progress, *, batch_size: int, workers: int | None) -> None:
+    """Answer and read back every missing answer in batches, storing each batch as soon as it is done."""
+    jobs = [
+        (layer, rows[i : i + batch_size])
+        for layer, rows in _todo(plan)
+        for i in range(0, len(rows), batch_size)
+    ]
+    # A hook already on the model (a sweep run inside the caller's own steer() or monitoring) keeps
+    # per-pass state that two streams would share: then one stream (see choose_workers).
+    streams = choose_workers(plan.lm, workers, len(jobs))
+    with contextlib.closing(ordered_map(functools.partial(_answer_batch, plan), jobs, streams)) as results:
+        for (layer, chunk), (answers, rb) in zip(jobs, results):
+            plan.store.append(_answer_records(layer, chunk, answers, rb))
+            progress.made([k for k, *_rest in chunk])
 
-    reported: set[str] = set()  # keys already counted by on_progress
 
-    def answer(job: tuple[int, list[_Row]]) -> tuple[list[str], ReadBack]:
-        """Generate and read back one batch of rows at one layer, each steered by its own coefficient.
+def _todo(plan: _Plan) -> list[tuple[int, list[_Row]]]:
+    """The missing answers per steering layer (0: the unsteered baselines); refused cells are left out."""
+    todo = [(0, [*plan.missing("amplify", 0, 0.0), *plan.missing("suppress", 0, 0.0)])]
+    for layer in plan.layers:
+        cells = [g for g in plan.grid if g.layer == layer and not too_large(g.fraction)]
+        todo.append((layer, [row for g in cells for row in plan.missing(g.condition, layer, g.coef)]))
+    return todo
 
-        One batched ``generate`` call per batch instead of one small call per cell (decoding is much
-        cheaper per row in wide batches). Steering is scoped to this thread, so two batches can run at
-        once on two streams, each with its own layer and coefficients.
-        """
-        layer, chunk = job
-        convs: list[list[dict[str, str]]] = []
-        for _k, cond, _c, q in chunk:
-            sys_msg = system[cond]
-            head = [{"role": "system", "content": sys_msg}] if sys_msg else []
-            convs.append([*head, {"role": "user", "content": q}])
-        seeds = [int(k[:8], 16) for k, *_rest in chunk]
-        row_coefs = [c for _k, _cond, c, _q in chunk]
-        if layer == 0 or not any(row_coefs):
+
+def _answer_batch(plan: _Plan, job: tuple[int, list[_Row]]) -> tuple[list[str], ReadBack]:
+    """Generate and read back one batch of rows at one layer, each steered by its own coefficient.
+
+    One batched ``generate`` call per batch instead of one small call per cell (decoding is much
+    cheaper per row in wide batches). Steering is scoped to this thread, so two batches can run at
+    once on two streams, each with its own layer and coefficients.
+    """
+    layer, chunk = job
+    lm, params = plan.lm, plan.params
+    convs: list[list[dict[str, str]]] = []
+    for _k, cond, _c, q in chunk:
+        sys_msg = plan.system[cond]
+        head = [{"role": "system", "content": sys_msg}] if sys_msg else []
+        convs.append([*head, {"role": "user", "content": q}])
+    seeds = [int(k[:8], 16) for k, *_rest in chunk]
+    row_coefs = [c for _k, _cond, c, _q in chunk]
+    if layer == 0 or not any(row_coefs):
+        answers = generate(lm, convs, params, seeds=seeds, batch_size=len(chunk), workers=1)
+    else:
+        with steer(lm, plan.vector, layers=layer, coef=row_coefs, this_thread_only=True):
             answers = generate(lm, convs, params, seeds=seeds, batch_size=len(chunk), workers=1)
-        else:
-            with steer(lm, vector, layers=layer, coef=row_coefs, this_thread_only=True):
-                answers = generate(lm, convs, params, seeds=seeds, batch_size=len(chunk), workers=1)
-        raise_if_stopping()  # the sweep is stopping (error, Ctrl-C): this batch will not be stored
-        rb = read_back(lm, vector, [(q, a) for (*_r, q), a in zip(chunk, answers)], rb_layer)
-        return answers, rb
+    raise_if_stopping()  # the sweep is stopping (error, Ctrl-C): this batch will not be stored
+    rb = read_back(lm, plan.vector, [(q, a) for (*_r, q), a in zip(chunk, answers)], plan.readback_layer)
+    return answers, rb
 
-    def answer_all(todo: list[tuple[int, list[_Row]]]) -> None:
-        """Answer every ``(layer, rows)`` job in batches and store each batch as soon as it is done."""
-        jobs = [(layer, rs[i : i + batch_size]) for layer, rs in todo for i in range(0, len(rs), batch_size)]
-        # A hook already on the model (a sweep run inside the caller's own steer() or monitoring) keeps
-        # per-pass state that two streams would share: then one stream (see choose_workers).
-        streams = choose_workers(lm, workers, len(jobs))
-        with contextlib.closing(ordered_map(answer, jobs, streams)) as results:
-            for (layer, chunk), (answers, rb) in zip(jobs, results):
-                store.append(
-                    [
-                        {
-                            "key": k,
-                            "type": "answer",
-                            "condition": cond,
-                            "layer": layer,
-                            "coef": c,
-                            "question": q,
-                            "answer": a,
-                            "projection": rb.projection[j],
-                            "log_likelihood": rb.log_likelihood[j],
-                        }
-                        for j, ((k, cond, c, q), a) in enumerate(zip(chunk, answers))
-                    ]
-                )
-                reported.update(k for k, *_rest in chunk)
-                if on_progress is not None:
-                    on_progress(len(chunk))
 
-    def missing(condition: str, layer: int, coef: float) -> list[_Row]:
-        keys = [key(condition, layer, coef, q) for q in questions]
-        return [(k, condition, coef, q) for k, q in zip(keys, questions) if k not in store]
+def _answer_records(layer: int, chunk: list[_Row], answers: list[str], rb: ReadBack) -> list[dict[str, Any]]:
+    """The store records of one answered batch."""
+    return [
+        {
+            "key": k,
+            "type": "answer",
+            "condition": cond,
+            "layer": layer,
+            "coef": c,
+            "question": q,
+            "answer": a,
+            "projection": rb.projection[j],
+            "log_likelihood": rb.log_likelihood[j],
+        }
+        for j, ((k, cond, c, q), a) in enumerate(zip(chunk, answers))
+    ]
 
-    def run_cell(condition: str, layer: int, coef: float) -> list[dict[str, Any]]:
-        # The answers were generated up front (below); here they are counted, judged and returned.
-        keys = [key(condition, layer, coef, q) for q in questions]
-        cached = [k for k in keys if k not in reported]
-        reported.update(cached)
-        if on_progress is not None and cached:
-            on_progress(len(cached))
-        rows = [store.get(k) or {} for k in keys]
-        for judge, kind in ((trait_judge, "trait"), (coherence_judge, "coherence")):
-            if judge is None:
-                continue
-            jkeys = [record_key({"answer": r["key"], "judge": judge.name, "kind": kind}) for r in rows]
-            need = [(jk, r) for jk, r in zip(jkeys, rows) if jk not in store]
-            scorable = [(jk, r) for jk, r in need if str(r["answer"]).strip()]
-            if not scorable:
-                scores: list[float | None] = []
-            elif reuse_readback(judge):
-                # The read-back already measured these log-likelihoods: same model, same encoding.
-                scores = judge.score_measured(
-                    [r["log_likelihood"] for _jk, r in scorable], [str(r["answer"]) for _jk, r in scorable]
-                )
-            else:
-                scores = judge.score([JudgeItem(r["question"], r["answer"]) for _jk, r in scorable])
-            got = {jk: s for (jk, _r), s in zip(scorable, scores)}
-            store.append(
-                [
-                    {"key": jk, "type": "score", "kind": kind, "judge": judge.name, "score": got.get(jk)}
-                    for jk, _ in need
-                ]
-            )
-            for r, jk in zip(rows, jkeys):
-                r[f"judge_{kind}"] = (store.get(jk) or {}).get("score")
-        return rows
 
-    def aggregate(
-        condition: str,
-        layer: int,
-        coef: float,
-        fraction: float,
-        rows: list[dict[str, Any]],
-        base_ll: float | None,
-    ) -> Cell:
-        lls = [
-            float(r["log_likelihood"])
-            for r in rows
-            if r["log_likelihood"] is not None and math.isfinite(r["log_likelihood"])
+def _measure(plan: _Plan, progress: _Progress, judges: _Judges) -> _Measured:
+    """Every cell's answers read from the store and judged: the baselines first, then the grid's cells.
+
+    Refused cells have no answers and are left out.
+    """
+    cells = [(c, 0, 0.0) for c in _CONDITIONS]
+    cells += [(g.condition, g.layer, g.coef) for g in plan.grid if not too_large(g.fraction)]
+    return {cell: _cell_rows(plan, progress, judges, *cell) for cell in cells}
+
+
+def _cell_rows(
+    plan: _Plan, progress: _Progress, judges: _Judges, condition: str, layer: int, coef: float
+) -> list[dict[str, Any]]:
+    """One cell's answer rows, with ``judge_trait`` / ``judge_coherence`` filled in when judged."""
+    keys = plan.keys(condition, layer, coef)
+    progress.found(keys)
+    rows = [plan.store.get(k) or {} for k in keys]
+    for judge, kind in judges:
+        if judge is not None:
+            _judge(plan, judge, kind, rows)
+    return rows
+
+
+def _judge(plan: _Plan, judge: Judge, kind: str, rows: list[dict[str, Any]]) -> None:
+    """Score the rows not scored yet, store the scores and set ``judge_<kind>`` on every row."""
+    jkeys = [record_key({"answer": r["key"], "judge": judge.name, "kind": kind}) for r in rows]
+    need = [(jk, r) for jk, r in zip(jkeys, rows) if jk not in plan.store]
+    scorable = [(jk, r) for jk, r in need if str(r["answer"]).strip()]
+    scores = _scores(plan, judge, [r for _jk, r in scorable])
+    got = {jk: s for (jk, _r), s in zip(scorable, scores)}
+    plan.store.append(
+        [
+            {"key": jk, "type": "score", "kind": kind, "judge": judge.name, "score": got.get(jk)}
+            for jk, _ in need
         ]
-        mean_ll = sum(lls) / len(lls) if lls else math.nan
-        # exp(-mean_ll) / exp(-base_ll): pooled perplexity relative to the unsteered answers.
-        ratio = 1.0 if base_ll is None else (math.exp(base_ll - mean_ll) if lls else math.nan)
-        trait = _mean([r["projection"] for r in rows])
-        return Cell(
-            condition=condition,
-            layer=layer,
-            coef=coef,
-            fraction=fraction,
-            trait=math.nan if trait is None else trait,
-            ppl_ratio=ratio,
-            repetition=sum(repetition_share(str(r["answer"])) for r in rows) / len(rows),
-            judge_trait=_mean([r.get("judge_trait") for r in rows]),
-            judge_coherence=_mean([r.get("judge_coherence") for r in rows]),
-            n=len(rows),
-        )
+    )
+    for r, jk in zip(rows, jkeys):
+        r[f"judge_{kind}"] = (plan.store.get(jk) or {}).get("score")
 
-    # Generate every missing answer first, layer by layer, in shared batches; the loops below then only
-    # read them from the store, judge them and aggregate.
-    todo = [(0, [*missing("amplify", 0, 0.0), *missing("suppress", 0, 0.0)])]
-    for layer in steer_layers:
-        todo.append(
-            (
-                layer,
-                [
-                    row
-                    for condition, cell_layer, coef, fraction in grid
-                    if cell_layer == layer and not too_large(fraction)
-                    for row in missing(condition, layer, coef)
-                ],
-            )
-        )
-    answer_all(todo)
 
-    baselines: dict[str, Cell] = {}
-    base_ll: dict[str, float] = {}
-    all_rows: dict[tuple[str, int, float], list[dict[str, Any]]] = {}
-    for condition in ("amplify", "suppress"):
-        rows = run_cell(condition, 0, 0.0)
-        all_rows[(condition, 0, 0.0)] = rows
-        lls = [
-            float(r["log_likelihood"])
-            for r in rows
-            if r["log_likelihood"] is not None and math.isfinite(r["log_likelihood"])
-        ]
-        base_ll[condition] = sum(lls) / len(lls) if lls else math.nan
-        baselines[condition] = replace(aggregate(condition, 0, 0.0, 0.0, rows, None), ppl_ratio=1.0)
+def _scores(plan: _Plan, judge: Judge, rows: list[dict[str, Any]]) -> list[float | None]:
+    if not rows:
+        return []
+    if _reuses_readback(judge, plan):
+        # The read-back already measured these log-likelihoods: same model, same encoding.
+        return judge.score_measured([r["log_likelihood"] for r in rows], [str(r["answer"]) for r in rows])
+    return judge.score([JudgeItem(r["question"], r["answer"]) for r in rows])
 
+
+def _reuses_readback(judge: Judge, plan: _Plan) -> TypeGuard[PerplexityCoherence]:
+    # A perplexity judge on this very model, with answers shorter than its truncation, would repeat
+    # the read-back's forward pass and get the same numbers.
+    return (
+        isinstance(judge, PerplexityCoherence)
+        and judge.lm is plan.lm
+        and plan.params.max_new_tokens <= judge.max_answer_tokens
+    )
+
+
+def _mean_ll(rows: list[dict[str, Any]]) -> float:
+    """Mean log-likelihood per token over the rows that have a finite one (NaN when none has)."""
+    lls = [
+        float(r["log_likelihood"])
+        for r in rows
+        if r["log_likelihood"] is not None and math.isfinite(r["log_likelihood"])
+    ]
+    return sum(lls) / len(lls) if lls else math.nan
+
+
+def _aggregate(
+    condition: str,
+    layer: int,
+    coef: float,
+    fraction: float,
+    rows: list[dict[str, Any]],
+    base_ll: float | None,
+) -> Cell:
+    """One cell's means; ``base_ll`` is the unsteered mean log-likelihood (None for a baseline)."""
+    mean_ll = _mean_ll(rows)
+    # exp(-mean_ll) / exp(-base_ll): pooled perplexity relative to the unsteered answers.
+    ratio = 1.0 if base_ll is None else (math.exp(base_ll - mean_ll) if not math.isnan(mean_ll) else math.nan)
+    trait = _mean([r["projection"] for r in rows])
+    return Cell(
+        condition=condition,
+        layer=layer,
+        coef=coef,
+        fraction=fraction,
+        trait=math.nan if trait is None else trait,
+        ppl_ratio=ratio,
+        repetition=sum(repetition_share(str(r["answer"])) for r in rows) / len(rows),
+        judge_trait=_mean([r.get("judge_trait") for r in rows]),
+        judge_coherence=_mean([r.get("judge_coherence") for r in rows]),
+        n=len(rows),
+    )
+
+
+def _baseline(condition: str, rows: list[dict[str, Any]]) -> Cell:
+    return replace(_aggregate(condition, 0, 0.0, 0.0, rows, None), ppl_ratio=1.0)
+
+
+def _steered_cells(
+    grid: list[_GridCell], measured: _Measured, base_ll: dict[str, float]
+) -> tuple[list[Cell], list[str]]:
+    """The grid's cells in grid order, refused ones marked, and a warning per refused cell."""
     cells: list[Cell] = []
-    for condition, layer, coef, fraction in grid:
-        if too_large(fraction):
+    warnings: list[str] = []
+    for g in grid:
+        if too_large(g.fraction):
             msg = (
-                f"refused layer {layer} coef {coef:.3g}: it adds {abs(fraction):.1f}x the layer's "
-                "residual norm "
-                f"(steered norm could exceed {MAX_NORM_MULTIPLE:g}x usual)"
+                f"refused layer {g.layer} coef {g.coef:.3g}: it adds {abs(g.fraction):.1f}x the layer's "
+                f"residual norm (steered norm could exceed {MAX_NORM_MULTIPLE:g}x usual)"
             )
             warnings.append(msg)
             log.warning(msg)
-            cells.append(Cell(condition, layer, coef, fraction, math.nan, math.nan, refused=True))
+            cells.append(Cell(g.condition, g.layer, g.coef, g.fraction, math.nan, math.nan, refused=True))
             continue
-        rows = run_cell(condition, layer, coef)
-        all_rows[(condition, layer, coef)] = rows
-        cells.append(aggregate(condition, layer, coef, fraction, rows, base_ll[condition]))
+        rows = measured[(g.condition, g.layer, g.coef)]
+        cells.append(_aggregate(g.condition, g.layer, g.coef, g.fraction, rows, base_ll[g.condition]))
+    return cells, warnings
 
-    use_judge = judge_has_signal(coherence_judge)
-    if use_judge:
-        # A judge that gives every cell the same score (or none) cannot guard anything.
-        scored = [c.judge_coherence for c in [*cells, *baselines.values()] if c.judge_coherence is not None]
-        use_judge = len(scored) >= 2 and max(scored) - min(scored) > 1e-6
-    choice = choose(
-        cells,
-        baselines,
-        use_judge=use_judge,
-        guard=guard,
-        coherence_judge=coherence_judge.name if coherence_judge else None,
-    )
-    run = [c for c in [*baselines.values(), *cells] if not c.refused]
-    agreement = {
+
+def _judge_guards(coherence_judge: Judge | None, cells: list[Cell]) -> bool:
+    """Whether the coherence judge, rather than perplexity, guards the choice."""
+    if not judge_has_signal(coherence_judge):
+        return False
+    # A judge that gives every cell the same score (or none) cannot guard anything.
+    scored = [c.judge_coherence for c in cells if c.judge_coherence is not None]
+    return len(scored) >= 2 and max(scored) - min(scored) > 1e-6
+
+
+def _agreement(cells: list[Cell]) -> dict[str, float | None]:
+    """Spearman correlations between read-back and judge measures over the cells that were run."""
+    run = [c for c in cells if not c.refused]
+    return {
         "readback_vs_judge_trait": spearman([c.trait for c in run], [c.judge_trait for c in run]),
         "ppl_ratio_vs_judge_coherence": spearman(
             [c.ppl_ratio for c in run], [c.judge_coherence for c in run]
         ),
     }
-    result = SweepResult(
-        cells=cells,
-        baselines=baselines,
-        readback_layer=rb_layer,
-        residual_norms=norms,
-        choice=choice,
-        agreement=agreement,
-        warnings=warnings,
-        settings={
-            "layers": steer_layers,
-            "coefs": list(coefs) if coefs is not None else None,
-            "fractions": list(QUICK_FRACTIONS if quick else DEFAULT_FRACTIONS) if coefs is None else None,
-            "questions": len(questions),
-            "sampling": asdict(params),
-            "suppress_system_prompt": spec.pairs[0].positive,
-            "trait_judge": trait_judge.name if trait_judge else None,
-            "coherence_judge": coherence_judge.name if coherence_judge else None,
-            "model": lm.info.id,
-            "model_fingerprint": lm.info.fingerprint,
-            "vector_hash": vhash,
-            "trait": spec.name,
-            "quick": quick,
-        },
-    )
-    result.examples = _examples(lm, vector, result, all_rows)
-    return result
+
+
+def _settings(
+    plan: _Plan,
+    spec: TraitSpec,
+    *,
+    coefs: Sequence[float] | None,
+    quick: bool,
+    judges: tuple[Judge | None, Judge | None],
+) -> dict[str, Any]:
+    """What the sweep was run with, as stored in ``sweep.json``; ``judges``: trait, coherence."""
+    trait_judge, coherence_judge = judges
+    return {
+        "layers": plan.layers,
+        "coefs": list(coefs) if coefs is not None else None,
+        "fractions": list(QUICK_FRACTIONS if quick else DEFAULT_FRACTIONS) if coefs is None else None,
+        "questions": len(plan.questions),
+        "sampling": asdict(plan.params),
+        "suppress_system_prompt": spec.pairs[0].positive,
+        "trait_judge": _name(trait_judge),
+        "coherence_judge": _name(coherence_judge),
+        "model": plan.lm.info.id,
+        "model_fingerprint": plan.lm.info.fingerprint,
+        "vector_hash": plan.vhash,
+        "trait": spec.name,
+        "quick": quick,
+    }
+
+
+def _name(judge: Judge | None) -> str | None:
+    return judge.name if judge else None
 
 
 def _examples(
     lm: LoadedModel,
     vector: PersonaVector,
     result: SweepResult,
-    all_rows: dict[tuple[str, int, float], list[dict[str, Any]]],
+    all_rows: _Measured,
 ) -> list[dict[str, Any]]:
     """First question's answer at each coefficient of the chosen layer, with per-token projections."""
-    amp = result.choice.get("amplify")
-    layer = int(amp["layer"]) if amp else result.readback_layer
-    if layer not in {c.layer for c in result.cells}:
-        layer = result.cells[0].layer if result.cells else 0
-    picked: list[tuple[str, int, float, float, dict[str, Any]]] = []
-    for (condition, lay, coef), rows in all_rows.items():
-        if rows and (lay == 0 or lay == layer):
-            cell_frac = next(
-                (
-                    c.fraction
-                    for c in result.cells
-                    if (c.condition, c.layer, c.coef) == (condition, lay, coef)
-                ),
-                0.0,
-            )
-            picked.append((condition, lay, coef, cell_frac, rows[0]))
-    picked.sort(key=lambda p: (p[0], p[3]))
-    items = [(str(p[4]["question"]), str(p[4]["answer"])) for p in picked]
+    picked = _example_rows(result, all_rows)
+    items = [(str(row["question"]), str(row["answer"])) for *_cell, row in picked]
     rb: ReadBack | None = read_back(lm, vector, items, result.readback_layer, tokens=True) if items else None
     out = []
     for j, (condition, lay, coef, frac, row) in enumerate(picked):
@@ -798,3 +922,21 @@ def _examples(
             }
         )
     return out
+
+
+def _example_rows(
+    result: SweepResult, all_rows: _Measured
+) -> list[tuple[str, int, float, float, dict[str, Any]]]:
+    """(condition, layer, coef, fraction, first row) of the baselines and the chosen layer's cells."""
+    amp = result.choice.get("amplify")
+    layer = int(amp["layer"]) if amp else result.readback_layer
+    if layer not in {c.layer for c in result.cells}:
+        layer = result.cells[0].layer if result.cells else 0
+    fractions = {(c.condition, c.layer, c.coef): c.fraction for c in result.cells}
+    picked = [
+        (condition, lay, coef, fractions.get((condition, lay, coef), 0.0), rows[0])
+        for (condition, lay, coef), rows in all_rows.items()
+        if rows and (lay == 0 or lay == layer)
+    ]
+    picked.sort(key=lambda p: (p[0], p[3]))
+    return picked
