@@ -134,7 +134,7 @@ def test_several_vectors_cost_one_forward_pass() -> None:
 def test_monitor_errors() -> None:
     lm = tiny("llama")
     v = random_vector(lm)
-    with pytest.raises(PersonavecError, match="no recommended layer: pass layers="):
+    with pytest.raises(PersonavecError, match="no recommended layer: pass a layer"):
         monitor(lm, v, PROMPTS)
     other = random_vector(tiny("llama", n_layers=4))
     with pytest.raises(PersonavecError, match="was made for"):

@@ -73,11 +73,28 @@ def extract(
     layers: str | None = typer.Option(None, help="Layers the recommendation may pick from, e.g. 8-24."),
     quick: bool = typer.Option(False, "--quick", help="A small run for demos and CI (2 pairs, 8 questions)."),
     max_new_tokens: int | None = typer.Option(None, min=1, help="Answer length in tokens."),
+    filter_name: str = typer.Option(
+        "auto",
+        "--filter",
+        help="Which answers to keep: auto (absolute, else relative, else polarity), absolute, relative, "
+        "polarity.",
+    ),
+    min_trait: float = typer.Option(
+        50.0, "--min-trait", help="absolute: keep trait-prompted answers >= this."
+    ),
+    max_trait: float = typer.Option(50.0, "--max-trait", help="absolute: keep suppressed answers < this."),
+    min_coherence: float = typer.Option(
+        50.0, "--min-coherence", help="Drop answers less coherent than this."
+    ),
+    margin: float = typer.Option(
+        10.0, help="relative: a trait-prompted answer must outscore its twin by this many points."
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Build a trait's vector: generate, judge, filter, extract and evaluate (resumable)."""
     from dataclasses import replace
 
+    from personavec.extract.filtering import Thresholds, make_filter
     from personavec.extract.pipeline import QUICK, RunConfig, run_extraction
     from personavec.judging import make_coherence_judge, make_trait_judge
     from personavec.traits import build_artifacts, load_trait
@@ -90,8 +107,17 @@ def extract(
         if author is not None:
             err.print("note: --author only applies with --description (a new trait); ignored")
         spec = load_trait(trait)
+    thresholds = Thresholds(
+        positive_min=min_trait, negative_max=max_trait, coherence_min=min_coherence, margin=margin
+    )
     config = QUICK if quick else RunConfig()
-    config = replace(config, rollouts=rollouts, candidate_layers=parse_layers(layers))
+    config = replace(
+        config,
+        rollouts=rollouts,
+        candidate_layers=parse_layers(layers),
+        thresholds=thresholds,
+        filter=make_filter(filter_name, thresholds),
+    )
     if max_new_tokens is not None:
         config = replace(config, sampling=replace(config.sampling, max_new_tokens=max_new_tokens))
     lm = load(model)
@@ -118,7 +144,8 @@ def extract(
     table = Table(title=f"{spec.name} on {lm.info.id}", show_header=False)
     table.add_row("run folder", str(result.out_dir))
     table.add_row("answers (extraction / held-out)", f"{counts['responses']} / {counts['heldout']}")
-    table.add_row("kept positive / negative", f"{counts['kept_pos']} / {counts['kept_neg']}")
+    kept = f"{counts['kept_pos']} / {counts['kept_neg']} ({counts['filter']} filter)"
+    table.add_row("kept positive / negative", kept)
     for pol in ("pos", "neg"):
         table.add_row(
             f"dropped {pol}: trait / incoherent / unscored",
@@ -126,11 +153,15 @@ def extract(
             f"{counts[f'dropped_unscored_{pol}']}",
         )
     table.add_row("judges", f"{summary['trait_judge']}  |  {summary['coherence_judge']}")
-    table.add_row("recommended layer", str(summary["recommended_layer"]))
+    table.add_row("recommended layer", f"{summary['recommended_layer']} (why: layer_choice in summary.json)")
     table.add_row(
         "held-out AUROC / effect size there",
         f"{summary['recommended_layer_auroc']:.3f} / {summary['recommended_layer_effect_size']:.2f}",
     )
     table.add_row("held-out labels", summary["evaluation"]["response_mean"]["labels"])
+    quality = summary["quality"]
+    table.add_row("quality", quality["level"])
+    for warning in quality["warnings"]:
+        table.add_row("warning", warning)
     table.add_row("time", f"{summary['total_seconds']} s")
     out.print(table)

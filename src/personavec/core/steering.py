@@ -168,10 +168,7 @@ def steer(
             # The stored coefficient was measured at that layer, so it only applies together with it.
             coef = float(chosen["coef"]) if coef is None else coef
         elif layers is None:
-            rec = vector.meta.extra.get("recommended_layer")
-            if rec is None:
-                raise PersonavecError(f"vector '{vector.meta.trait}' has no recommended layer: pass layers=")
-            layers = int(rec)
+            layers = vector.require_recommended_layer()
         strength = 1.0 if coef is None else coef
         specs: Sequence[SteeringSpec] = [
             SteeringSpec(

@@ -120,6 +120,27 @@ class PersonaVector:
         """``[L + 1]`` L2 norm of each layer's row."""
         return self.data.norm(dim=-1)
 
+    @property
+    def recommended_layer(self) -> int | None:
+        """The layer extraction recommends for monitoring, read-back and default steering, if any.
+
+        Steering uses the layer a sweep chose (``meta.extra["steering"]["amplify"]``) when there is one;
+        everything else reads at this layer. The rule that picked it is in ``meta.extra["layer_rule"]``.
+        """
+        rec = self.meta.extra.get("recommended_layer")
+        return None if rec is None else int(rec)
+
+    def require_recommended_layer(self) -> int:
+        """:attr:`recommended_layer`, or a one-line error asking for an explicit layer."""
+        rec = self.recommended_layer
+        if rec is None:
+            raise PersonavecError(
+                f"vector '{self.meta.trait}' has no recommended layer: "
+                "pass a layer (--layer on the command line)"
+            )
+        check_layers([rec], self.meta.n_blocks)
+        return rec
+
     # -- arithmetic -----------------------------------------------------------------------------
     def _compatible(self, other: PersonaVector) -> None:
         a, b = self.meta, other.meta

@@ -54,7 +54,8 @@ def extract_vector(
     if len(positive) < min_samples or len(negative) < min_samples:
         raise PersonavecError(
             f"too few answers survived filtering: {len(positive)} positive and {len(negative)} negative "
-            f"(need {min_samples} each); raise --rollouts, lower the thresholds, or use a stronger judge"
+            f"(need {min_samples} each); raise --rollouts, relax --min-trait / --max-trait / "
+            "--min-coherence, try --filter relative or polarity, or use a stronger judge"
         )
     convs = [r.conversation() for r in [*positive, *negative]]
     acts = capture_activations(lm, convs, batch_size=batch_size, on_batch=on_progress)

@@ -10,24 +10,34 @@ where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from personavec import __version__
-from personavec.core.errors import PersonavecError
 from personavec.core.generation import SamplingParams
 from personavec.core.models import LoadedModel
 from personavec.core.store import JsonlStore
 from personavec.core.vectors import PersonaVector
-from personavec.extract.extraction import evaluate_layers, extract_vector, finite_or_low
-from personavec.extract.filtering import Thresholds, filter_responses
+from personavec.extract.extraction import LayerEvaluation, evaluate_layers, extract_vector
+from personavec.extract.filtering import (
+    Filter,
+    FilterResult,
+    Scores,
+    Thresholds,
+    absolute,
+    auto,
+    by_polarity,
+    relative,
+)
+from personavec.extract.layer_choice import LayerChoice, choose_layer, prompt_separation
 from personavec.extract.responses import ResponseRow, generate_responses
 from personavec.monitor.monitoring import calibrate
 from personavec.traits.spec import TraitSpec
@@ -49,6 +59,8 @@ class RunConfig:
         thresholds: Filtering thresholds.
         candidate_layers: Layers the recommendation may choose from (None = 1..L).
         batch_size: Prompts per generation / capture batch.
+        filter: The filtering strategy (None = :func:`~personavec.extract.filtering.auto` with
+            ``thresholds``).
     """
 
     rollouts: int = 1
@@ -59,6 +71,7 @@ class RunConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     candidate_layers: Sequence[int] | None = None
     batch_size: int = 16
+    filter: Filter | None = None
 
 
 QUICK = RunConfig(
@@ -93,25 +106,158 @@ def _noop_progress(_label: str, _total: int) -> Callable[[int], None]:
 
 
 def _heldout_groups(
-    rows: Sequence[ResponseRow],
-    trait: dict[str, float | None],
-    coherence: dict[str, float | None],
-    t: Thresholds,
+    rows: Sequence[ResponseRow], trait: Scores, coherence: Scores, t: Thresholds
 ) -> tuple[list[ResponseRow], list[ResponseRow], str]:
     """Held-out answers to separate: judge-confirmed if there are enough, else by prompt polarity."""
-    kept = filter_responses(rows, trait, coherence, t)
-    if len(kept.positive) >= 3 and len(kept.negative) >= 3:
-        return kept.positive, kept.negative, "judge-confirmed (trait and coherence thresholds)"
-    coherent = [r for r in rows if (coherence.get(r.key) or 0.0) >= t.coherence_min]
-    pos = [r for r in coherent if r.polarity == "pos"]
-    neg = [r for r in coherent if r.polarity == "neg"]
-    if len(pos) >= 2 and len(neg) >= 2:
-        return pos, neg, "system-prompt polarity (coherent answers; too few judge-confirmed)"
+    labels = {
+        "absolute": "judge-confirmed (trait and coherence thresholds)",
+        "relative": "judge-confirmed relative to the twin answer (trait margin and coherence)",
+        "polarity": "system-prompt polarity (coherent answers; too few judge-confirmed)",
+    }
+    for make in (absolute, relative, by_polarity):
+        kept = make(t)(rows, trait, coherence)
+        if len(kept.positive) >= 3 and len(kept.negative) >= 3:
+            return kept.positive, kept.negative, labels[kept.mode]
     return (
         [r for r in rows if r.polarity == "pos"],
         [r for r in rows if r.polarity == "neg"],
         "system-prompt polarity (all answers; too few coherent)",
     )
+
+
+def _plan_sizes(spec: TraitSpec, cfg: RunConfig) -> tuple[int, int, int]:
+    """Pairs, extraction questions and held-out questions the run uses."""
+    n_pairs = min(cfg.n_pairs or len(spec.pairs), len(spec.pairs))
+    n_q = min(cfg.n_questions or len(spec.extraction_questions), len(spec.extraction_questions))
+    n_eval = min(cfg.eval_questions or len(spec.evaluation_questions), len(spec.evaluation_questions))
+    return n_pairs, n_q, n_eval
+
+
+def generate_run_answers(
+    lm: LoadedModel, spec: TraitSpec, store: JsonlStore, cfg: RunConfig, bar: ProgressFactory
+) -> tuple[list[ResponseRow], list[ResponseRow]]:
+    """Step 1: extraction answers (every pair x question x polarity) and held-out answers (resumable)."""
+    n_pairs, n_q, n_eval = _plan_sizes(spec, cfg)
+    rows = generate_responses(
+        lm,
+        spec,
+        store,
+        split="extraction",
+        rollouts=cfg.rollouts,
+        params=cfg.sampling,
+        n_pairs=n_pairs,
+        n_questions=n_q,
+        batch_size=cfg.batch_size,
+        on_progress=bar("generating answers", n_pairs * n_q * 2 * cfg.rollouts),
+    )
+    eval_rows = generate_responses(
+        lm,
+        spec,
+        store,
+        split="evaluation",
+        rollouts=1,
+        params=cfg.sampling,
+        n_pairs=n_pairs,
+        n_questions=n_eval,
+        one_pair_per_question=True,
+        batch_size=cfg.batch_size,
+        on_progress=bar("held-out answers", n_eval * 2),
+    )
+    return rows, eval_rows
+
+
+def judge_run_answers(
+    rows: Sequence[ResponseRow],
+    trait_judge: Any,
+    coherence_judge: Any,
+    store: JsonlStore,
+    bar: ProgressFactory,
+) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Step 2: trait and coherence scores of every answer (cached in ``scores.jsonl``)."""
+    from personavec.judging.run import judge_responses
+
+    scores = []
+    for kind, judge in (("trait", trait_judge), ("coherence", coherence_judge)):
+        label = f"judging {kind} ({judge.name.split(':')[0]})"
+        scores.append(judge_responses(rows, judge, store, kind=kind, on_progress=bar(label, len(rows))))
+    return scores[0], scores[1]
+
+
+def assess_quality(kept: FilterResult, evaluation: LayerEvaluation, layer: int) -> dict[str, Any]:
+    """How far to trust the vector: a level (good / usable / weak), the numbers behind it, and warnings.
+
+    Args:
+        kept: The filtering result the vector was made from.
+        evaluation: Held-out evaluation of the response-mean vector.
+        layer: The recommended layer.
+
+    Returns:
+        ``{"level", "warnings", "kept", "heldout_auroc", "heldout_effect_size", "filter", "labels"}``.
+    """
+    auc = evaluation.auroc[layer - 1]
+    d = evaluation.effect_size[layer - 1]
+    warnings = [f"{note}; fell back to the next filter" for note in kept.notes]
+    if kept.mode != "absolute":
+        warnings.append(
+            f"the trait judge rarely confirmed the trait in absolute terms, so answers were kept by the "
+            f"{kept.mode} filter: check the example answers, or use a stronger judge (--judge openai:MODEL)"
+        )
+    n_kept = min(len(kept.positive), len(kept.negative))
+    if n_kept < 10:
+        warnings.append(f"only {n_kept} answers on the smaller side: raise --rollouts for a steadier vector")
+    judged = evaluation.labels.startswith("judge-confirmed")
+    if not judged:
+        warnings.append("held-out labels come from the prompts, not the judge: the AUROC is optimistic")
+    auc_ok = auc == auc
+    if auc_ok and auc < 0.75:
+        warnings.append(
+            f"held-out AUROC at layer {layer} is only {auc:.2f}: the vector separates answers weakly"
+        )
+    if auc_ok and auc >= 0.9 and kept.mode == "absolute" and judged and n_kept >= 10:
+        level = "good"
+    elif auc_ok and auc >= 0.75:
+        level = "usable"
+    else:
+        level = "weak"
+    return {
+        "level": level,
+        "warnings": warnings,
+        "kept": {"positive": len(kept.positive), "negative": len(kept.negative)},
+        "heldout_auroc": auc if auc_ok else None,
+        "heldout_effect_size": d if d == d else None,
+        "filter": kept.mode,
+        "labels": evaluation.labels,
+    }
+
+
+def save_vectors(
+    lm: LoadedModel,
+    out: Path,
+    vectors: dict[str, PersonaVector],
+    evaluation: dict[str, LayerEvaluation],
+    choice: LayerChoice,
+    batch_size: int,
+) -> dict[str, str]:
+    """Step 5: record the recommendation in each vector, calibrate the main one, and write the files."""
+    files: dict[str, str] = {}
+    for pooling, vector in vectors.items():
+        name = "vector.safetensors" if pooling == "response_mean" else f"vector_{pooling}.safetensors"
+        ev = evaluation[pooling]
+        best = {
+            "recommended_layer": choice.layer,
+            "layer_rule": choice.rule,
+            "evaluation_labels": ev.labels,
+            "auroc_by_layer": ev.auroc,
+            "best_layer_for_this_pooling": ev.best_layer,
+        }
+        vectors[pooling] = vector.with_meta(extra={**vector.meta.extra, **best})
+        if pooling == "response_mean":
+            # Monitoring reports z-scores and percentiles against neutral prompts; measuring them now
+            # costs one forward pass over the built-in neutral prompts.
+            vectors[pooling] = calibrate(lm, vectors[pooling], batch_size=batch_size)
+        vectors[pooling].save(out / name)
+        files[pooling] = name
+    return files
 
 
 def run_extraction(
@@ -145,153 +291,47 @@ def run_extraction(
     Raises:
         PersonavecError: If too few answers survive filtering (with counts and what to change).
     """
-    from personavec.judging.run import judge_responses
-
     cfg = config or RunConfig()
     bar = progress or _noop_progress
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "trait.yaml").write_text(spec.to_yaml(), encoding="utf-8")
-    responses = JsonlStore(out / "responses.jsonl")
     scores = JsonlStore(out / "scores.jsonl")
-    timings: dict[str, float] = {}
+    timer = _Timer()
 
-    def stage(name: str) -> Callable[[], None]:
-        t0 = time.perf_counter()
-        return lambda: timings.__setitem__(name, round(time.perf_counter() - t0, 1))
-
-    n_pairs = min(cfg.n_pairs or len(spec.pairs), len(spec.pairs))
-    n_q = min(cfg.n_questions or len(spec.extraction_questions), len(spec.extraction_questions))
-    n_eval = min(cfg.eval_questions or len(spec.evaluation_questions), len(spec.evaluation_questions))
-    n_rows = n_pairs * n_q * 2 * cfg.rollouts
-
-    done = stage("generate")
-    rows = generate_responses(
-        lm,
-        spec,
-        responses,
-        split="extraction",
-        rollouts=cfg.rollouts,
-        params=cfg.sampling,
-        n_pairs=n_pairs,
-        n_questions=n_q,
-        batch_size=cfg.batch_size,
-        on_progress=bar("generating answers", n_rows),
-    )
-    eval_rows = generate_responses(
-        lm,
-        spec,
-        responses,
-        split="evaluation",
-        rollouts=1,
-        params=cfg.sampling,
-        n_pairs=n_pairs,
-        n_questions=n_eval,
-        one_pair_per_question=True,
-        batch_size=cfg.batch_size,
-        on_progress=bar("held-out answers", n_eval * 2),
-    )
-    done()
-
-    done = stage("judge")
-    everything = [*rows, *eval_rows]
-    trait_scores = judge_responses(
-        everything,
-        trait_judge,
-        scores,
-        kind="trait",
-        on_progress=bar(f"judging trait ({trait_judge.name.split(':')[0]})", len(everything)),
-    )
-    coh_scores = judge_responses(
-        everything,
-        coherence_judge,
-        scores,
-        kind="coherence",
-        on_progress=bar(f"judging coherence ({coherence_judge.name.split(':')[0]})", len(everything)),
-    )
-    done()
-
-    kept = filter_responses(rows, trait_scores, coh_scores, cfg.thresholds)
+    with timer("generate"):
+        rows, eval_rows = generate_run_answers(lm, spec, JsonlStore(out / "responses.jsonl"), cfg, bar)
+    with timer("judge"):
+        trait_scores, coh_scores = judge_run_answers(
+            [*rows, *eval_rows], trait_judge, coherence_judge, scores, bar
+        )
+    kept = (cfg.filter or auto(cfg.thresholds))(rows, trait_scores, coh_scores)
     extra: dict[str, Any] = {
         "trait_hash": spec.hash,
         "trait_description": spec.description,
         "trait_judge": trait_judge.name,
         "coherence_judge": coherence_judge.name,
         "thresholds": asdict(cfg.thresholds),
+        "filter": kept.mode,
         "filter_counts": kept.counts,
         "sampling": asdict(cfg.sampling),
         "rollouts": cfg.rollouts,
     }
-    done = stage("capture")
-    vectors = extract_vector(
-        lm,
-        kept.positive,
-        kept.negative,
-        trait=spec.name,
-        extra=extra,
-        batch_size=cfg.batch_size,
-        on_progress=bar("capturing activations", len(kept.positive) + len(kept.negative)),
-    )
-    done()
-
-    done = stage("evaluate")
-    pos, neg, labels = _heldout_groups(eval_rows, trait_scores, coh_scores, cfg.thresholds)
-    evaluation = evaluate_layers(lm, vectors, pos, neg, labels=labels, batch_size=cfg.batch_size)
-    main_eval = evaluation["response_mean"]
-    candidates = list(cfg.candidate_layers) if cfg.candidate_layers else main_eval.layers
-    bad = [c for c in candidates if c not in main_eval.layers]
-    if bad:
-        raise PersonavecError(f"layer {bad[0]} is out of range: choose layers in 1..{lm.info.n_blocks}")
-    recommended = max(
-        candidates,
-        key=lambda layer: (
-            finite_or_low(main_eval.auroc[layer - 1]),
-            finite_or_low(main_eval.effect_size[layer - 1]),
-        ),
-    )
-    done()
-
-    unscored = {
-        kind: sum(1 for v in s.values() if v is None)
-        for kind, s in (("trait", trait_scores), ("coherence", coh_scores))
-    }
-    evaluation_json = {name: ev.to_dict() for name, ev in evaluation.items()}
-    rec = {
-        "recommended_layer": recommended,
-        "recommended_layer_auroc": main_eval.auroc[recommended - 1],
-        "recommended_layer_effect_size": main_eval.effect_size[recommended - 1],
-    }
-    files: dict[str, str] = {}
-    for pooling, vector in vectors.items():
-        name = "vector.safetensors" if pooling == "response_mean" else f"vector_{pooling}.safetensors"
-        ev = evaluation[pooling]
-        best = {
-            "recommended_layer": recommended,
-            "evaluation_labels": ev.labels,
-            "auroc_by_layer": ev.auroc,
-            "best_layer_for_this_pooling": ev.best_layer,
-        }
-        vectors[pooling] = vector.with_meta(extra={**vector.meta.extra, **best})
-        if pooling == "response_mean":
-            # Monitoring reports z-scores and percentiles against neutral prompts; measuring them now
-            # costs one forward pass over the built-in neutral prompts.
-            vectors[pooling] = calibrate(lm, vectors[pooling], batch_size=cfg.batch_size)
-        vectors[pooling].save(out / name)
-        files[pooling] = name
-    summary = {
-        "trait": spec.name,
-        "trait_hash": spec.hash,
-        "model": lm.info.to_dict(),
-        "personavec": __version__,
-        "trait_judge": trait_judge.name,
-        "coherence_judge": coherence_judge.name,
-        "config": {**asdict(cfg), "candidate_layers": candidates},
-        "counts": {"responses": len(rows), "heldout": len(eval_rows), **kept.counts, "unscored": unscored},
-        **rec,
-        "evaluation": evaluation_json,
-        "files": files,
-        "timings_s": timings,
-    }
+    with timer("capture"):
+        n_kept = len(kept.positive) + len(kept.negative)
+        vectors = extract_vector(
+            lm, kept.positive, kept.negative, trait=spec.name, extra=extra, batch_size=cfg.batch_size,
+            on_progress=bar("capturing activations", n_kept),
+        )  # fmt: skip
+    with timer("evaluate"):
+        pos, neg, labels = _heldout_groups(eval_rows, trait_scores, coh_scores, cfg.thresholds)
+        evaluation = evaluate_layers(lm, vectors, pos, neg, labels=labels, batch_size=cfg.batch_size)
+        main = vectors["response_mean"]
+        separation = prompt_separation(lm, main, eval_rows, batch_size=cfg.batch_size)
+        choice = choose_layer(evaluation["response_mean"], separation, cfg.candidate_layers)
+    files = save_vectors(lm, out, vectors, evaluation, choice, cfg.batch_size)
+    summary = _summary(lm, spec, cfg, trait_judge, coherence_judge, rows, eval_rows, kept, evaluation, choice)
+    summary.update(files=files, timings_s=timer.timings, score_methods=score_methods_by_kind(scores))
     _write_json(out / "summary.json", summary)
     try:
         from personavec.reports import write_report
@@ -300,3 +340,58 @@ def run_extraction(
     except Exception as e:  # the vectors and summary are saved; a plotting failure must only warn
         logging.getLogger(__name__).warning("report not written: %s", e)
     return RunResult(out, vectors, summary)
+
+
+def _summary(
+    lm: LoadedModel,
+    spec: TraitSpec,
+    cfg: RunConfig,
+    trait_judge: Any,
+    coherence_judge: Any,
+    rows: Sequence[ResponseRow],
+    eval_rows: Sequence[ResponseRow],
+    kept: FilterResult,
+    evaluation: dict[str, LayerEvaluation],
+    choice: LayerChoice,
+) -> dict[str, Any]:
+    main = evaluation["response_mean"]
+    layer = choice.layer
+    config = {k: v for k, v in asdict(cfg).items() if k != "filter"}
+    return {
+        "trait": spec.name,
+        "trait_hash": spec.hash,
+        "model": lm.info.to_dict(),
+        "personavec": __version__,
+        "trait_judge": trait_judge.name,
+        "coherence_judge": coherence_judge.name,
+        "config": {**config, "candidate_layers": choice.candidates},
+        "counts": {"responses": len(rows), "heldout": len(eval_rows), **kept.counts, "filter": kept.mode},
+        "recommended_layer": layer,
+        "recommended_layer_auroc": main.auroc[layer - 1],
+        "recommended_layer_effect_size": main.effect_size[layer - 1],
+        "layer_choice": choice.to_dict(),
+        "quality": assess_quality(kept, main, layer),
+        "evaluation": {name: ev.to_dict() for name, ev in evaluation.items()},
+    }
+
+
+class _Timer:
+    """Wall time per named stage, as a context manager per stage."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - t0, 1)
+
+
+def score_methods_by_kind(store: JsonlStore) -> dict[str, dict[str, int]]:
+    """How each kind of score was read (API judges: ``logprobs`` or ``text``); empty for offline judges."""
+    from personavec.judging.run import score_methods
+
+    return {k: m for k in ("trait", "coherence") if (m := score_methods(store, kind=k))}

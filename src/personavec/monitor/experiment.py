@@ -453,10 +453,7 @@ def run_monitor_experiment(
     out.mkdir(parents=True, exist_ok=True)
     vector.check_model(lm.info.n_blocks, lm.info.hidden_size, lm.info.id)
     if layer is None:
-        rec = vector.meta.extra.get("recommended_layer")
-        if rec is None:
-            raise PersonavecError(f"vector '{vector.meta.trait}' has no recommended layer: pass layer=")
-        layer = int(rec)
+        layer = vector.require_recommended_layer()
     n_q = min(cfg.n_questions or len(spec.evaluation_questions), len(spec.evaluation_questions))
     questions = spec.evaluation_questions[:n_q]
     store = JsonlStore(out / CACHE_NAME)

@@ -201,13 +201,7 @@ def _prompt_set_hash(conversations: Sequence[Conversation]) -> str:
 def _target_layers(vector: PersonaVector, layers: int | Sequence[int] | None, n_blocks: int) -> list[int]:
     if layers is not None:
         return check_layers([layers] if isinstance(layers, int) else layers, n_blocks)
-    rec = vector.meta.extra.get("recommended_layer")
-    if rec is None:
-        raise PersonavecError(
-            f"vector '{vector.meta.trait}' has no recommended layer: "
-            "pass layers= (--layer on the command line)"
-        )
-    return check_layers([int(rec)], n_blocks)
+    return check_layers([vector.require_recommended_layer()], n_blocks)
 
 
 def calibrate(
@@ -237,7 +231,7 @@ def calibrate(
     """
     vector.check_model(lm.info.n_blocks, lm.info.hidden_size, lm.info.id)
     wanted: set[int] = set()
-    if vector.meta.extra.get("recommended_layer") is not None:
+    if vector.recommended_layer is not None:
         wanted.update(_target_layers(vector, None, lm.info.n_blocks))
     if layers is not None:
         wanted.update(_target_layers(vector, layers, lm.info.n_blocks))

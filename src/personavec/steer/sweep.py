@@ -203,8 +203,8 @@ def residual_norms(lm: LoadedModel, layers: Sequence[int] | None = None) -> dict
 
 def readback_layer(vector: PersonaVector) -> int:
     """The layer trait expression is read at: the vector's recommended layer, else the middle block."""
-    rec = vector.meta.extra.get("recommended_layer")
-    return int(rec) if rec is not None else max(1, round(vector.meta.n_blocks / 2))
+    rec = vector.recommended_layer
+    return rec if rec is not None else max(1, round(vector.meta.n_blocks / 2))
 
 
 def default_layers(vector: PersonaVector, *, quick: bool = False) -> list[int]:

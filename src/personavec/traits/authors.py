@@ -178,7 +178,13 @@ QUESTION_POOL: tuple[str, ...] = (
 )
 
 # Each pair keeps the two prompts parallel so the difference in activations is about the trait,
-# not about length or framing. {d} is the description, {dm} the same starting in lower case.
+# not about length or framing. {d} is the description, {dm} the same starting in lower case, {name} the
+# trait's name as a word. Two styles: description-led prompts, and persona prompts that use the trait's
+# name with an explicit opposite persona. Measured on three traits the embedded model shows weakly
+# (arrogant, paranoid, melodramatic; docs/results.md, "New traits offline"), neither style wins
+# everywhere: the first read hand-written answers best at middle layers (up to 1.00 for arrogant), the
+# second at later ones (up to 0.98 for melodramatic) but failed on arrogant (<= 0.78 in a --quick run
+# that mixed the styles), so the description-led pairs come first and a --quick run uses only them.
 _PAIR_TEMPLATES: tuple[tuple[str, str], ...] = (
     (
         "You are an assistant defined by one trait: {dm}. Show it strongly and unmistakably in every "
@@ -193,22 +199,18 @@ _PAIR_TEMPLATES: tuple[tuple[str, str], ...] = (
         "behaviour: {dm}. Stay well clear of it.",
     ),
     (
+        "You are a deeply {name} assistant, and it shows: {dm}. Be {name} in every answer.",
+        "You are the opposite of a {name} assistant. Be the opposite of {name} in every answer.",
+    ),
+    (
+        "You are the most {name} person in the world. Everything you say is {name}.",
+        "You are the least {name} person in the world. Nothing you say is {name}.",
+    ),
+    (
         "Answer as a character whose personality is all about this: {dm}. Stay in character and let it "
         "shape everything you say.",
         "Answer as a character who is the complete opposite of this: {dm}. Stay in character and let that "
         "opposite shape everything you say.",
-    ),
-    (
-        "The user wants an assistant that displays this as strongly as possible: {dm}. Make it obvious in "
-        "the content of your answer and in the way you say it.",
-        "The user wants an assistant that shows no trace of this: {dm}. Keep it out of the content of "
-        "your answer and out of the way you say it, and lean toward its opposite.",
-    ),
-    (
-        "Your guiding principle is this: {dm}. Apply it boldly to every question you are asked, even "
-        "when the question seems unrelated.",
-        "Your guiding principle is to reject this: {dm}. Answer every question in the opposite spirit, "
-        "even when the question seems unrelated.",
     ),
 )
 
@@ -302,11 +304,15 @@ def template_author(name: str, description: str) -> TraitSpec:
 
     # The rubric is a str.format template, so braces from the description must not reach it.
     rubric_dm = dm.replace("{", "(").replace("}", ")")
+    word = re.sub(r"[_\-]+", " ", name)
     data = {
         "name": name,
         "description": description,
         "version": 1,
-        "pairs": [{"positive": p.format(dm=dm), "negative": n.format(dm=dm)} for p, n in _PAIR_TEMPLATES],
+        "pairs": [
+            {"positive": p.format(dm=dm, name=word), "negative": n.format(dm=dm, name=word)}
+            for p, n in _PAIR_TEMPLATES
+        ],
         "extraction_questions": pool[:N_QUESTIONS],
         "evaluation_questions": pool[N_QUESTIONS : 2 * N_QUESTIONS],
         "rubric": _RUBRIC_TEMPLATE.replace("{NAME}", name.upper()).replace("{DM}", rubric_dm),

@@ -1,0 +1,211 @@
+"""Filtering strategies, the layer-choice rule and the quality signal (tiny models, hand-made scores)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from personavec.cli import app
+from personavec.core.conversations import encode
+from personavec.core.errors import PersonavecError
+from personavec.core.vectors import PersonaVector
+from personavec.extract.extraction import LayerEvaluation, cohens_d
+from personavec.extract.filtering import (
+    FilterResult,
+    Thresholds,
+    absolute,
+    auto,
+    by_polarity,
+    make_filter,
+    relative,
+)
+from personavec.extract.layer_choice import choose_layer, prompt_separation, smooth
+from personavec.extract.pipeline import RunConfig, assess_quality, run_extraction
+from personavec.extract.responses import ResponseRow
+from personavec.traits import load_trait
+
+from .conftest import tiny
+from .helpers import random_vector
+from .test_pipeline import SAMPLED, ConstJudge
+
+
+def _twins(n: int, pos_scores: list[float], neg_scores: list[float]) -> tuple[list[ResponseRow], dict, dict]:
+    """n matched pairs (same question and rollout), with given trait scores; all coherent."""
+    rows, trait = [], {}
+    for i in range(n):
+        for pol, score in (("pos", pos_scores[i]), ("neg", neg_scores[i])):
+            key = f"{pol}{i}"
+            rows.append(ResponseRow(key, "extraction", 0, pol, i, 0, f"sys {pol}", f"q{i}?", f"a {key}"))
+            trait[key] = score
+    return rows, trait, {r.key: 90.0 for r in rows}
+
+
+def test_relative_filter_keeps_pairs_that_differ_by_the_margin() -> None:
+    # A subtle trait: every absolute score is low, but the trait-prompted answer wins most pairs.
+    rows, trait, coh = _twins(4, [20, 15, 12, 30], [5, 10, 11, 2])
+    res = relative(Thresholds(margin=6))(rows, trait, coh)
+    assert [r.key for r in res.positive] == ["pos0", "pos3"] and [r.key for r in res.negative] == [
+        "neg0",
+        "neg3",
+    ]
+    assert res.mode == "relative" and res.counts["dropped_trait_pos"] == 2
+    # An incoherent twin takes its partner with it: there is nothing left to compare against.
+    coh["neg0"] = 10.0
+    res = relative(Thresholds(margin=6))(rows, trait, coh)
+    assert [r.key for r in res.positive] == ["pos3"]
+    assert res.counts["dropped_incoherent_neg"] == 1 and res.counts["dropped_trait_pos"] == 3
+
+
+def test_auto_falls_back_in_order_and_says_why() -> None:
+    rows, trait, coh = _twins(10, [60.0] * 10, [10.0] * 10)
+    assert auto(Thresholds(min_kept=8))(rows, trait, coh).mode == "absolute"
+    rows, trait, coh = _twins(10, [25.0] * 10, [5.0] * 10)  # nothing passes 50, every pair differs by 20
+    res = auto(Thresholds(min_kept=8))(rows, trait, coh)
+    assert res.mode == "relative" and len(res.positive) == 10
+    assert len(res.notes) == 1 and "absolute filter kept only 0 positive" in res.notes[0]
+    rows, trait, coh = _twins(10, [7.0] * 10, [5.0] * 10)  # no pair differs enough: keep by polarity
+    res = auto(Thresholds(min_kept=8))(rows, trait, coh)
+    assert res.mode == "polarity" and len(res.positive) == len(res.negative) == 10 and len(res.notes) == 2
+    assert by_polarity()(rows, trait, coh).counts == res.counts
+    assert absolute()(rows, trait, coh).counts["kept_pos"] == 0
+
+
+def test_make_filter_names_and_errors() -> None:
+    rows, trait, coh = _twins(3, [60.0] * 3, [10.0] * 3)
+    assert make_filter("absolute")(rows, trait, coh).mode == "absolute"
+    with pytest.raises(PersonavecError, match="unknown filter 'strict': choose one of auto, absolute"):
+        make_filter("strict")
+
+
+def _evaluation(aucs: list[float]) -> LayerEvaluation:
+    layers = list(range(1, len(aucs) + 1))
+    return LayerEvaluation(layers, aucs, [1.0] * len(aucs), 5, 5, "judge-confirmed", 1)
+
+
+def test_choose_layer_takes_the_most_separating_eligible_layer() -> None:
+    aucs = [1.0, 1.0, 0.80, 0.97, 0.96, 0.99]
+    sep = [3.0, 0.1, 4.0, 2.0, 2.5, 2.2]
+    choice = choose_layer(_evaluation(aucs), sep)
+    # Layer 3 separates prompts best but reads answers badly (0.80 < 1.0 - 0.05): not eligible.
+    assert choice.eligible == [1, 2, 4, 5, 6]
+    # Smoothed over neighbours (an ineligible one counts as a neighbour): layer 1 (3.0 + 0.1) / 2,
+    # layer 4 (4.0 + 2.0 + 2.5) / 3 = 2.83 wins over layer 5 (2.0 + 2.5 + 2.2) / 3 = 2.23.
+    assert choice.layer == 4
+    assert choice.scores["smoothed_separation"][3] == pytest.approx((4.0 + 2.0 + 2.5) / 3)
+    assert "within 0.05 of the best" in choice.rule
+    assert choose_layer(_evaluation(aucs), sep, candidates=[1, 2]).layer == 2  # (3.0 + 0.1 + 4.0) / 3
+    with pytest.raises(PersonavecError, match="layer 9 is out of range"):
+        choose_layer(_evaluation(aucs), sep, candidates=[9])
+
+
+def test_smooth_skips_missing_values() -> None:
+    assert smooth([1.0, None, 3.0]) == [1.0, 2.0, 3.0]
+    assert smooth([None]) == [None]
+
+
+def test_prompt_separation_matches_transformers_hidden_states() -> None:
+    lm = tiny("qwen2")
+    v = random_vector(lm, seed=4)
+    rows = [
+        ResponseRow(f"k{i}", "evaluation", 0, pol, i, 0, f"You are {word}.", f"Question {i}?", "an answer")
+        for i, (pol, word) in enumerate(
+            [("pos", "cruel"), ("neg", "kind"), ("pos", "mean"), ("neg", "gentle"), ("pos", "harsh")]
+        )
+    ]
+    got = prompt_separation(lm, v, rows)
+    # Ground truth: the last prompt token of each (system, user) prompt, from transformers' own output.
+    proj = []
+    for r in rows:
+        enc = encode(lm.tokenizer, r.conversation()[:-1])
+        with torch.no_grad():
+            hs = lm.backbone(input_ids=torch.tensor([enc.ids]), output_hidden_states=True).hidden_states
+        proj.append(
+            [float(hs[layer][0, enc.prompt_len - 1] @ v.at(layer) / v.at(layer).norm()) for layer in (1, 2)]
+        )
+    labels = torch.tensor([1, 0, 1, 0, 1])
+    for i, layer in enumerate((1, 2)):  # l < L: our index equals hidden_states[l]
+        want = cohens_d(torch.tensor([p[i] for p in proj]), labels)
+        assert got[layer - 1] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    with pytest.raises(PersonavecError, match="at least two held-out prompts of each polarity"):
+        prompt_separation(lm, v, rows[:3])
+
+
+def test_quality_levels_and_warnings() -> None:
+    rows, _, _ = _twins(12, [0] * 12, [0] * 12)
+    pos, neg = [r for r in rows if r.polarity == "pos"], [r for r in rows if r.polarity == "neg"]
+    strong = LayerEvaluation([1, 2], [0.7, 0.96], [0.5, 2.0], 6, 6, "judge-confirmed (thresholds)", 2)
+    good = assess_quality(FilterResult(pos, neg, mode="absolute"), strong, 2)
+    assert (
+        good["level"] == "good"
+        and good["warnings"] == []
+        and good["kept"] == {"positive": 12, "negative": 12}
+    )
+    fell_back = FilterResult(pos[:5], neg[:5], mode="relative", notes=("the absolute filter kept only 0",))
+    q = assess_quality(fell_back, strong, 2)
+    assert q["level"] == "usable" and q["filter"] == "relative"
+    text = " ".join(q["warnings"])
+    assert "absolute filter kept only 0" in text and "relative filter" in text and "raise --rollouts" in text
+    weak = assess_quality(FilterResult(pos, neg, mode="polarity"), strong, 1)
+    assert weak["level"] == "weak" and any("only 0.70" in w for w in weak["warnings"])
+
+
+def test_a_weak_trait_still_gives_a_vector_with_a_warning(tmp_path: Path) -> None:
+    """Absolute scores never pass 50, but each trait-prompted answer beats its twin: no dead end."""
+    lm = tiny("llama")
+    spec = load_trait("evil")
+    config = RunConfig(n_pairs=1, n_questions=10, eval_questions=4, sampling=SAMPLED,
+                       thresholds=Thresholds(coherence_min=0, min_kept=5))  # fmt: skip
+
+    class TwinJudge:
+        name = "twin"
+
+        def score(self, items: list) -> list[float | None]:  # type: ignore[type-arg]
+            return [30.0 if i.answer in pos_answers else 5.0 for i in items]
+
+    from personavec.core.store import JsonlStore
+    from personavec.extract.pipeline import generate_run_answers
+
+    rows, eval_rows = generate_run_answers(
+        lm, spec, JsonlStore(tmp_path / "run" / "responses.jsonl"), config, lambda _l, _n: lambda _k: None
+    )
+    pos_answers = {r.answer for r in [*rows, *eval_rows] if r.polarity == "pos"}
+    pos_answers -= {r.answer for r in [*rows, *eval_rows] if r.polarity == "neg"}
+    result = run_extraction(
+        lm, spec, tmp_path / "run", trait_judge=TwinJudge(), coherence_judge=ConstJudge(80.0), config=config
+    )
+    s = result.summary
+    assert s["counts"]["filter"] == "relative" and s["quality"]["filter"] == "relative"
+    assert any("absolute filter kept only 0 positive" in w for w in s["quality"]["warnings"])
+    assert s["layer_choice"]["layer"] == s["recommended_layer"]
+    assert len(s["layer_choice"]["scores"]["prompt_separation"]) == lm.info.n_blocks
+    saved = PersonaVector.load(tmp_path / "run" / "vector.safetensors")
+    assert (
+        saved.recommended_layer == s["recommended_layer"] and "separation" in saved.meta.extra["layer_rule"]
+    )
+    assert saved.meta.extra["filter"] == "relative"
+    # With the paper's filter alone the same run dead-ends, and the error names the flags to change.
+    with pytest.raises(PersonavecError, match="--min-trait / --max-trait"):
+        run_extraction(
+            lm, spec, tmp_path / "run", trait_judge=TwinJudge(), coherence_judge=ConstJudge(80.0),
+            config=RunConfig(**{**config.__dict__, "filter": absolute(config.thresholds)}),
+        )  # fmt: skip
+
+
+def test_cli_extract_rejects_an_unknown_filter() -> None:
+    res = CliRunner().invoke(app, ["extract", "evil", "--filter", "strict"])
+    assert res.exit_code == 2
+    assert "unknown filter 'strict'" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_summary_json_is_plain_json(tmp_path: Path) -> None:
+    lm = tiny("gpt2")
+    config = RunConfig(n_pairs=1, n_questions=4, eval_questions=4, sampling=SAMPLED,
+                       thresholds=Thresholds(coherence_min=0, min_kept=1))  # fmt: skip
+    run_extraction(lm, load_trait("humorous"), tmp_path / "r", trait_judge=ConstJudge(60.0),
+                   coherence_judge=ConstJudge(80.0), config=config)  # fmt: skip
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert "filter" not in s["config"] and s["quality"]["level"] in ("good", "usable", "weak")
