@@ -86,18 +86,20 @@ def _evaluation(aucs: list[float]) -> LayerEvaluation:
     return LayerEvaluation(layers, aucs, [1.0] * len(aucs), 5, 5, "judge-confirmed", 1)
 
 
-def test_choose_layer_takes_the_most_separating_eligible_layer() -> None:
+def test_choose_layer_takes_the_most_separating_candidate() -> None:
     aucs = [1.0, 1.0, 0.80, 0.97, 0.96, 0.99]
     sep = [3.0, 0.1, 4.0, 2.0, 2.5, 2.2]
-    choice = choose_layer(_evaluation(aucs), sep)
-    # Layer 3 separates prompts best but reads answers badly (0.80 < 1.0 - 0.05): not eligible.
-    assert choice.eligible == [1, 2, 4, 5, 6]
-    # Smoothed over neighbours (an ineligible one counts as a neighbour): layer 1 (3.0 + 0.1) / 2,
-    # layer 4 (4.0 + 2.0 + 2.5) / 3 = 2.83 wins over layer 5 (2.0 + 2.5 + 2.2) / 3 = 2.23.
-    assert choice.layer == 4
+    choice = choose_layer(_evaluation(aucs), sep, candidates=range(1, 7))
+    # Smoothed over neighbours: layer 3 (0.1 + 4.0 + 2.0) / 3 = 2.03, layer 4 (4.0 + 2.0 + 2.5) / 3 = 2.83,
+    # layer 5 (2.0 + 2.5 + 2.2) / 3 = 2.23; a single sharp layer (3) does not win on its own.
+    assert choice.layer == 4 and "the given layers" in choice.rule
     assert choice.scores["smoothed_separation"][3] == pytest.approx((4.0 + 2.0 + 2.5) / 3)
-    assert "within 0.05 of the best" in choice.rule
+    assert choice.scores["heldout_auroc"] == aucs  # recorded beside, not voting
     assert choose_layer(_evaluation(aucs), sep, candidates=[1, 2]).layer == 2  # (3.0 + 0.1 + 4.0) / 3
+    # By default only the middle-to-late blocks compete: 40-90 % of 6 blocks is layers 3-5.
+    default = choose_layer(_evaluation(aucs), [9.0, 0.0, 0.0, 2.0, 1.0, 0.0])  # 4 and 5 tie; AUROC breaks it
+    assert default.candidates == [3, 4, 5] and default.layer == 4
+    assert "layers 3-5 (40%-90% of the depth)" in default.rule
     with pytest.raises(PersonavecError, match="layer 9 is out of range"):
         choose_layer(_evaluation(aucs), sep, candidates=[9])
 

@@ -71,7 +71,11 @@ def extract(
     ),
     rollouts: int = typer.Option(1, min=1, help="Answers per (prompt pair, polarity, question)."),
     layers: str | None = typer.Option(None, help="Layers the recommendation may pick from, e.g. 8-24."),
-    quick: bool = typer.Option(False, "--quick", help="A small run for demos and CI (2 pairs, 8 questions)."),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="A small run for demos and CI (2 pairs x 8 questions; 3 x 20 for a template-written trait).",
+    ),
     max_new_tokens: int | None = typer.Option(None, min=1, help="Answer length in tokens."),
     filter_name: str = typer.Option(
         "auto",
@@ -95,7 +99,7 @@ def extract(
     from dataclasses import replace
 
     from personavec.extract.filtering import Thresholds, make_filter
-    from personavec.extract.pipeline import QUICK, RunConfig, run_extraction
+    from personavec.extract.pipeline import RunConfig, quick_config, run_extraction
     from personavec.judging import make_coherence_judge, make_trait_judge
     from personavec.traits import build_artifacts, load_trait
 
@@ -110,7 +114,7 @@ def extract(
     thresholds = Thresholds(
         positive_min=min_trait, negative_max=max_trait, coherence_min=min_coherence, margin=margin
     )
-    config = QUICK if quick else RunConfig()
+    config = quick_config(spec) if quick else RunConfig()
     config = replace(
         config,
         rollouts=rollouts,

@@ -6,12 +6,16 @@ the trait separates them; a graded ladder of persona prompts then did not order 
 (Spearman -0.17 at layer 4 against 0.74-0.79 at 15-25). What monitoring needs is a layer where the
 *persona a prompt sets up* is already visible at the last prompt token, before the answer starts.
 
-The rule (:func:`choose_layer`): re-read the held-out questions under the spec's trait-eliciting and
-suppressing system prompts, without answers, and measure per layer how far apart the two sets of
-last-prompt projections onto the vector lie (Cohen's d, smoothed over neighbouring layers so one noisy
-layer cannot win alone). Among the layers whose held-out answer AUROC is within ``auroc_slack`` of the
-best, the one with the largest separation is recommended. Both series are stored in the summary, so a
-user can see the choice. The evidence behind the rule is in ``docs/results.md`` ("Layer choice").
+The rule (:func:`choose_layer`): candidates are the middle-to-late blocks (40-90 % of the depth by
+default: the first blocks carry wording rather than traits, where new traits even read reversed, and
+the last ones prepare the next token; the paper's best layers sit at about 70 %). Re-read the held-out
+questions under the spec's trait-eliciting and suppressing system prompts, without answers, and measure
+per layer how far apart the two sets of last-prompt projections onto the vector lie (Cohen's d,
+smoothed over neighbouring layers so one noisy layer cannot win alone); the largest wins. Held-out
+answer AUROC is recorded beside it but does not vote: with an offline judge its labels are few and
+noisy (0.5-0.7 at every layer for impolite), and where they are good it is saturated. Every series is
+stored in the summary, so a user can see the choice. The evidence is in ``docs/results.md`` ("Layer
+choice").
 """
 
 from __future__ import annotations
@@ -30,9 +34,16 @@ from personavec.extract.responses import ResponseRow
 
 RULE = (
     "largest last-prompt separation of the trait-eliciting vs suppressing prompts on held-out questions "
-    "(Cohen's d of the projection, averaged over the layer and its neighbours), among layers whose "
-    "held-out answer AUROC is within {slack:g} of the best"
+    "(Cohen's d of the projection, averaged over the layer and its neighbours), among {where}"
 )
+DEPTH_WINDOW = (0.4, 0.9)
+
+
+def default_candidates(n_blocks: int, window: tuple[float, float] = DEPTH_WINDOW) -> list[int]:
+    """Layers between the two fractions of the depth (at least one layer)."""
+    lo, hi = window
+    layers = [layer for layer in range(1, n_blocks + 1) if lo * n_blocks <= layer <= hi * n_blocks]
+    return layers or [max(1, round(n_blocks / 2))]
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,6 @@ class LayerChoice:
         layer: The recommended layer (our convention: output of block ``layer``).
         rule: The rule, in one sentence.
         candidates: Layers the rule could pick from.
-        eligible: Candidates that passed the AUROC condition.
         scores: Series per layer ``1..L`` (``prompt_separation``, ``smoothed_separation``,
             ``heldout_auroc``), index ``l - 1`` for layer ``l``.
     """
@@ -51,7 +61,6 @@ class LayerChoice:
     layer: int
     rule: str
     candidates: list[int]
-    eligible: list[int]
     scores: dict[str, list[float | None]]
 
     def to_dict(self) -> dict[str, object]:
@@ -106,16 +115,13 @@ def choose_layer(
     evaluation: LayerEvaluation,
     separation: Sequence[float | None],
     candidates: Sequence[int] | None = None,
-    *,
-    auroc_slack: float = 0.05,
 ) -> LayerChoice:
-    """Apply the rule: the most separating layer among those that read held-out answers nearly best.
+    """Apply the rule: the candidate layer where the prompts' personas separate most along the vector.
 
     Args:
-        evaluation: Held-out answer evaluation of the vector (response-mean pooling).
+        evaluation: Held-out answer evaluation of the vector (response-mean pooling), recorded beside.
         separation: :func:`prompt_separation` of the vector, per layer ``1..L``.
-        candidates: Layers the choice may pick from (default ``1..L``).
-        auroc_slack: How far below the best candidate's AUROC a layer may be and still be chosen.
+        candidates: Layers the choice may pick from (default :func:`default_candidates`).
 
     Returns:
         The choice with its evidence.
@@ -124,23 +130,23 @@ def choose_layer(
         PersonavecError: If a candidate is out of range.
     """
     n = len(evaluation.layers)
-    cands = sorted(set(candidates)) if candidates else list(evaluation.layers)
+    cands = sorted(set(candidates)) if candidates else default_candidates(n)
     bad = [c for c in cands if not 1 <= c <= n]
     if bad:
         raise PersonavecError(f"layer {bad[0]} is out of range: choose layers in 1..{n}")
-    aucs = evaluation.auroc
-    best_auc = max(finite_or_low(aucs[c - 1]) for c in cands)
-    eligible = [c for c in cands if finite_or_low(aucs[c - 1]) >= best_auc - auroc_slack] or cands
     smoothed = smooth(separation)
-    layer = max(
-        eligible,
-        key=lambda c: (finite_or_low(_num(smoothed[c - 1])), finite_or_low(aucs[c - 1])),
+    aucs = evaluation.auroc
+    layer = max(cands, key=lambda c: (finite_or_low(_num(smoothed[c - 1])), finite_or_low(aucs[c - 1])))
+    lo, hi = DEPTH_WINDOW
+    where = (
+        "the given layers"
+        if candidates
+        else f"layers {cands[0]}-{cands[-1]} ({lo:.0%}-{hi:.0%} of the depth)"
     )
     return LayerChoice(
         layer=layer,
-        rule=RULE.format(slack=auroc_slack),
+        rule=RULE.format(where=where),
         candidates=cands,
-        eligible=eligible,
         scores={
             "prompt_separation": list(separation),
             "smoothed_separation": smoothed,
