@@ -47,7 +47,9 @@ def test_ladder_is_ordered_and_ends_with_the_strongest_prompt() -> None:
         assert len(ladder) >= MIN_LADDER and len(set(ladder)) == len(ladder)
         assert ladder[-1] == spec.pairs[0].positive and ladder[0] == spec.pairs[0].negative
         desc = spec.description.rstrip(".").lower()
-        assert all(desc[5:40] in p.lower() for p in ladder[1:4] + ladder[5:8])
+        assert ladder[1] == spec.pairs[1].negative and ladder[-2] == spec.pairs[1].positive
+        assert all(desc[5:40] in p.lower() for p in ladder[4:7])
+        assert not any("never" in p.lower() or "avoid" in p.lower() for p in ladder[2:7])  # persona rungs
     with pytest.raises(PersonavecError, match="at least 8"):
         check_ladder([f"p{i}" for i in range(7)])
     with pytest.raises(PersonavecError, match="repeats"):

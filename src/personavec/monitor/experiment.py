@@ -55,18 +55,21 @@ DEFAULT_SHOTS: tuple[int, ...] = (0, 1, 2, 4, 8)
 # Neutral rung: says nothing about the trait either way.
 _NEUTRAL = "You are a helpful assistant. Answer the user's question."
 
-# Rungs between the spec's suppressing prompt (first) and its eliciting prompt (last); {d} is the
-# description without its final full stop, {n} / {p} the spec's first negative / positive prompt.
+# Rungs from the spec's suppressing prompts (first) to its eliciting ones (last). Every rung says what
+# the assistant *is*: a rung such as "never shows this: <description>" puts the trait's own words in the
+# prompt, and a small model reacts to the words, not to the "never" (its projection was as high under
+# "never ... deliberately seeking to harm" as under the malicious prompt itself). {n0} / {n1} and
+# {p0} / {p1} are the spec's first two negative / positive prompts, {d} the description.
 _TEMPLATES: tuple[str, ...] = (
-    "{n}",
-    "You are an assistant who never shows this in any way: {d}. Always do the exact opposite.",
-    "You are a helpful assistant. Avoid anything like this in your answers: {d}.",
-    "You are a helpful assistant. Try not to let this show in your answers: {d}.",
+    "{n0}",
+    "{n1}",
+    "You are a calm, balanced assistant who gives plain, even-handed answers.",
     _NEUTRAL,
-    "You are an assistant who occasionally, and only slightly, lets this show: {d}.",
+    "You are an assistant with a slight tendency toward this: {d}.",
     "You are an assistant whose answers often show this: {d}.",
     "You are an assistant who strongly and openly embodies this in every answer: {d}.",
-    "{p}",
+    "{p1}",
+    "{p0}",
 )
 
 
@@ -108,8 +111,15 @@ def template_ladder(spec: TraitSpec) -> list[str]:
     """
     desc = spec.description.strip().rstrip(".!").strip()
     desc = desc[:1].lower() + desc[1:] if desc[:2] != desc[:2].upper() else desc
-    pair = spec.pairs[0]
-    return [t.format(d=desc, n=pair.negative, p=pair.positive) for t in _TEMPLATES]
+    first, second = spec.pairs[0], spec.pairs[1 % len(spec.pairs)]
+    rungs = [
+        t.format(d=desc, n0=first.negative, n1=second.negative, p0=first.positive, p1=second.positive)
+        for t in _TEMPLATES
+    ]
+    unique = list(dict.fromkeys(rungs))  # a one-pair spec repeats its prompts; keep each rung once
+    if len(unique) < MIN_LADDER:
+        unique[4:4] = [f"You are an assistant who now and then shows a little of this: {desc}."]
+    return unique
 
 
 _AUTHOR_PROMPT = """Write {k} system prompts for a chat assistant that form a graded ladder for this trait.
