@@ -152,7 +152,7 @@ def test_quality_levels_and_warnings() -> None:
     text = " ".join(q["warnings"])
     assert "absolute filter kept only 0" in text and "relative filter" in text and "raise --rollouts" in text
     weak = assess_quality(FilterResult(pos, neg, mode="polarity"), strong, 1)
-    assert weak["level"] == "weak" and any("only 0.70" in w for w in weak["warnings"])
+    assert weak["level"] == "weak" and any("AUROC 0.70" in w for w in weak["warnings"])
 
 
 def test_a_weak_trait_still_gives_a_vector_with_a_warning(tmp_path: Path) -> None:

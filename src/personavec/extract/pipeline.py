@@ -220,7 +220,8 @@ def assess_quality(kept: FilterResult, evaluation: LayerEvaluation, layer: int) 
     auc_ok = auc == auc
     if auc_ok and auc < 0.75:
         warnings.append(
-            f"held-out AUROC at layer {layer} is only {auc:.2f}: the vector separates answers weakly"
+            f"the model's own held-out answers separate weakly at layer {layer} (AUROC {auc:.2f}): it may "
+            "rarely show the trait; check the vector on answers you write (see bench/layer_choice.py)"
         )
     if auc_ok and auc >= 0.9 and kept.mode == "absolute" and judged and n_kept >= 10:
         level = "good"
