@@ -120,3 +120,15 @@ def test_generated_answer_reencodes_to_the_same_tokens() -> None:
     again = encode(lm.tokenizer, [*prompt, {"role": "assistant", "content": answer}])
     assert again.ids[: again.prompt_len] == enc.ids
     assert list(again.ids[again.prompt_len :]) == new
+
+
+def test_generation_cuts_a_base_models_invented_next_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = plain_lm()
+    convs = [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "Why?"}]]
+    params = SamplingParams(max_new_tokens=4)
+    plain = generate(lm, convs, params)
+    # Whatever the model wrote, a decoded text that runs on into a new turn is cut before it.
+    monkeypatch.setattr(
+        lm.tokenizer, "decode", lambda *_a, **_k: " Sure.\n\nUser: and then?\n\nAssistant: ok"
+    )
+    assert generate(lm, convs, params) == ["Sure.", "Sure."] and len(plain) == 2

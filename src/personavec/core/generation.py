@@ -15,7 +15,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from personavec.core.activations import pad_batch
-from personavec.core.conversations import Conversation, encode
+from personavec.core.conversations import Conversation, cut_plain_answer, encode
 from personavec.core.errors import PersonavecError
 from personavec.core.models import LoadedModel
 from personavec.core.parallel import choose_workers, ordered_map, stopping
@@ -132,7 +132,9 @@ def iter_generate(
     with contextlib.closing(ordered_map(run, starts, streams, model=lm.model)) as results:
         for new_tokens in results:
             # Decoding here, in the caller's thread, keeps the tokenizer out of the worker threads.
-            yield [lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+            # A base model (no chat template) never ends its turn; cut where it starts writing the next.
+            texts = (lm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens)
+            yield [cut_plain_answer(lm.tokenizer, text) for text in texts]
 
 
 def generate(
