@@ -60,18 +60,15 @@ def test_relative_filter_keeps_pairs_that_differ_by_the_margin() -> None:
     assert res.counts["dropped_incoherent_neg"] == 1 and res.counts["dropped_trait_pos"] == 3
 
 
-def test_auto_falls_back_in_order_and_says_why() -> None:
+def test_auto_falls_back_to_polarity_and_says_why() -> None:
     rows, trait, coh = _twins(10, [60.0] * 10, [10.0] * 10)
-    assert auto(Thresholds(min_kept=8))(rows, trait, coh).mode == "absolute"
-    rows, trait, coh = _twins(10, [25.0] * 10, [5.0] * 10)  # nothing passes 50, every pair differs by 20
-    res = auto(Thresholds(min_kept=8))(rows, trait, coh)
-    assert res.mode == "relative" and len(res.positive) == 10
-    assert len(res.notes) == 1 and "absolute filter kept only 0 positive" in res.notes[0]
-    rows, trait, coh = _twins(10, [7.0] * 10, [5.0] * 10)  # no pair differs enough: keep by polarity
-    res = auto(Thresholds(min_kept=8))(rows, trait, coh)
-    assert res.mode == "polarity" and len(res.positive) == len(res.negative) == 10 and len(res.notes) == 2
+    assert auto(Thresholds(min_kept=5))(rows, trait, coh).mode == "absolute"
+    rows, trait, coh = _twins(10, [60.0] * 4 + [25.0] * 6, [5.0] * 10)  # only 4 pass 50: too few
+    res = auto(Thresholds(min_kept=5))(rows, trait, coh)
+    assert res.mode == "polarity" and len(res.positive) == len(res.negative) == 10
+    assert res.notes == ("the absolute filter kept only 4 positive and 10 negative answers (want 5 a side)",)
     assert by_polarity()(rows, trait, coh).counts == res.counts
-    assert absolute()(rows, trait, coh).counts["kept_pos"] == 0
+    assert relative()(rows, trait, coh).mode == "relative"  # a choice, not a fallback
 
 
 def test_make_filter_names_and_errors() -> None:
@@ -156,7 +153,7 @@ def test_quality_levels_and_warnings() -> None:
 
 
 def test_a_weak_trait_still_gives_a_vector_with_a_warning(tmp_path: Path) -> None:
-    """Absolute scores never pass 50, but each trait-prompted answer beats its twin: no dead end."""
+    """Absolute scores never pass 50 (the judge barely sees the trait): a vector anyway, with a warning."""
     lm = tiny("llama")
     spec = load_trait("evil")
     config = RunConfig(n_pairs=1, n_questions=10, eval_questions=4, sampling=SAMPLED,
@@ -180,7 +177,7 @@ def test_a_weak_trait_still_gives_a_vector_with_a_warning(tmp_path: Path) -> Non
         lm, spec, tmp_path / "run", trait_judge=TwinJudge(), coherence_judge=ConstJudge(80.0), config=config
     )
     s = result.summary
-    assert s["counts"]["filter"] == "relative" and s["quality"]["filter"] == "relative"
+    assert s["counts"]["filter"] == "polarity" and s["quality"]["filter"] == "polarity"
     assert any("absolute filter kept only 0 positive" in w for w in s["quality"]["warnings"])
     assert s["layer_choice"]["layer"] == s["recommended_layer"]
     assert len(s["layer_choice"]["scores"]["prompt_separation"]) == lm.info.n_blocks
@@ -188,7 +185,9 @@ def test_a_weak_trait_still_gives_a_vector_with_a_warning(tmp_path: Path) -> Non
     assert (
         saved.recommended_layer == s["recommended_layer"] and "separation" in saved.meta.extra["layer_rule"]
     )
-    assert saved.meta.extra["filter"] == "relative"
+    assert saved.meta.extra["filter"] == "polarity"
+    # Held-out labels still use the judge where they can: each answer against its twin.
+    assert s["evaluation"]["response_mean"]["labels"].startswith("judge-confirmed relative")
     # With the paper's filter alone the same run dead-ends, and the error names the flags to change.
     with pytest.raises(PersonavecError, match="--min-trait / --max-trait"):
         run_extraction(

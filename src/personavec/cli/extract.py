@@ -80,8 +80,7 @@ def extract(
     filter_name: str = typer.Option(
         "auto",
         "--filter",
-        help="Which answers to keep: auto (absolute, else relative, else polarity), absolute, relative, "
-        "polarity.",
+        help="Which answers to keep: auto (absolute, else polarity), absolute, relative, polarity.",
     ),
     min_trait: float = typer.Option(
         50.0, "--min-trait", help="absolute: keep trait-prompted answers >= this."

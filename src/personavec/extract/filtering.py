@@ -9,9 +9,12 @@ can pass their own. Three ship:
   other prompt of the same pair: keep both when the trait-prompted one scores ``margin`` points higher.
   An offline judge's absolute scale means little for a new trait (a sentence encoder scores every answer
   of a subtle trait low), but it still ranks the two answers of a pair.
-* :func:`auto` (the default): ``absolute`` when it keeps enough answers a side, else ``relative``, else
-  every coherent answer by its prompt's polarity, and says which one it used, so a weak trait still
-  gives a vector (with a warning) instead of a dead end.
+* :func:`by_polarity`: every coherent answer by its prompt's polarity.
+* :func:`auto` (the default): ``absolute`` when it keeps ``min_kept`` answers a side, else
+  ``by_polarity``, and says which one it used, so a weak trait still gives a vector (with a warning)
+  instead of a dead end. Measured on three traits the embedded model shows faintly, the relative filter
+  kept 5-7 of 60 pairs and its vectors read hand-written answers no better than all 60 a side did
+  (docs/results.md, "New traits offline"), so it is a choice (``--filter relative``), not a fallback.
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ class Thresholds:
         negative_max: Keep suppressed answers scoring below this on the trait.
         coherence_min: Drop answers less coherent than this.
         margin: With the relative filter: how many points a trait-prompted answer must outscore its twin.
-        min_kept: With the automatic filter: fewest kept answers a side for a filter to be accepted.
+        min_kept: With the automatic filter: fewest kept answers a side for the absolute filter to be
+            used (7 / 10 on a quick evil run gave a better vector than all 16 / 16).
     """
 
     positive_min: float = 50.0
     negative_max: float = 50.0
     coherence_min: float = 50.0
     margin: float = 10.0
-    min_kept: int = 8
+    min_kept: int = 5
 
 
 @dataclass(frozen=True)
@@ -159,13 +163,13 @@ def by_polarity(thresholds: Thresholds | None = None) -> Filter:
 
 
 def auto(thresholds: Thresholds | None = None) -> Filter:
-    """``absolute``, else ``relative``, else ``by_polarity``: the first that keeps ``min_kept`` a side."""
+    """``absolute`` if it keeps ``min_kept`` a side, else ``by_polarity`` (with a note saying why)."""
     t = thresholds or Thresholds()
 
     def run(rows: Sequence[ResponseRow], trait: Scores, coherence: Scores) -> FilterResult:
         notes: list[str] = []
         result = FilterResult([], [])
-        for make in (absolute, relative, by_polarity):
+        for make in (absolute, by_polarity):
             result = make(t)(rows, trait, coherence)
             enough = min(len(result.positive), len(result.negative)) >= t.min_kept
             if enough:

@@ -205,7 +205,7 @@ def assess_quality(kept: FilterResult, evaluation: LayerEvaluation, layer: int) 
     """
     auc = evaluation.auroc[layer - 1]
     d = evaluation.effect_size[layer - 1]
-    warnings = [f"{note}; fell back to the next filter" for note in kept.notes]
+    warnings = [f"{note}; kept answers by their prompts' polarity instead" for note in kept.notes]
     if kept.mode != "absolute":
         warnings.append(
             f"the trait judge rarely confirmed the trait in absolute terms, so answers were kept by the "
