@@ -79,7 +79,7 @@ QUICK = RunConfig(
 )
 # A trait written by the offline templates is one the embedded model may show only faintly, so its
 # vector needs more answers: with 16 a side (QUICK) hand-written answers read at AUROC 0.38-0.66, with
-# 60 a side (three pairs, twenty questions) at 0.87-0.96 (docs/results.md, "New traits offline").
+# 60 a side (3 pairs x 20 questions) at 0.87-0.96 (docs/results.md, "New traits offline").
 QUICK_NEW_TRAIT = replace(QUICK, n_pairs=3, n_questions=20)
 
 
