@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from personavec.cli import app
+from personavec.cli.extract import summary_table
 from personavec.core.conversations import encode
 from personavec.core.errors import PersonavecError
 from personavec.core.vectors import PersonaVector
@@ -210,3 +212,9 @@ def test_summary_json_is_plain_json(tmp_path: Path) -> None:
                    coherence_judge=ConstJudge(80.0), config=config)  # fmt: skip
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert "filter" not in s["config"] and s["quality"]["level"] in ("good", "usable", "weak")
+    # The table `extract` prints without --json: kept counts with the filter, the layer, quality, warnings.
+    console = Console(record=True, width=200)
+    console.print(summary_table(s, "humorous on tiny", tmp_path / "r"))
+    text = console.export_text()
+    assert "(polarity filter)" in text and f"{s['recommended_layer']} (why: layer_choice" in text
+    assert "quality" in text and all(w[:40] in text for w in s["quality"]["warnings"])

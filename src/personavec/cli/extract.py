@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.progress import (
@@ -143,9 +144,14 @@ def extract(
     if as_json:
         emit_json(summary)
         return
+    out.print(summary_table(summary, f"{spec.name} on {lm.info.id}", result.out_dir))
+
+
+def summary_table(summary: dict[str, Any], title: str, run_dir: Path) -> Table:
+    """The extraction summary as the table ``extract`` prints (counts, layer, quality, warnings)."""
     counts = summary["counts"]
-    table = Table(title=f"{spec.name} on {lm.info.id}", show_header=False)
-    table.add_row("run folder", str(result.out_dir))
+    table = Table(title=title, show_header=False)
+    table.add_row("run folder", str(run_dir))
     table.add_row("answers (extraction / held-out)", f"{counts['responses']} / {counts['heldout']}")
     kept = f"{counts['kept_pos']} / {counts['kept_neg']} ({counts['filter']} filter)"
     table.add_row("kept positive / negative", kept)
@@ -166,5 +172,6 @@ def extract(
     table.add_row("quality", quality["level"])
     for warning in quality["warnings"]:
         table.add_row("warning", warning)
-    table.add_row("time", f"{summary['total_seconds']} s")
-    out.print(table)
+    if "total_seconds" in summary:
+        table.add_row("time", f"{summary['total_seconds']} s")
+    return table
