@@ -27,6 +27,7 @@ from personavec.judging.coherence import PerplexityCoherence
 from personavec.reports import write_report
 from personavec.steer.readback import perplexity_ratio, read_back
 from personavec.steer.sweep import (
+    DEFAULT_STEER_FRACTION,
     Cell,
     Guard,
     SweepResult,
@@ -209,7 +210,7 @@ def test_sweep_resumes_and_round_trips_choice(tmp_path: Path, monkeypatch: pytes
     assert (d["layer"], d["coef"]) == (first.choice["amplify"]["layer"], first.choice["amplify"]["coef"])
     # Without a stored choice: recommended layer, coefficient from the residual norm.
     fresh = steering_defaults(lm, v)
-    assert fresh["layer"] == 2 and fresh["fraction"] == 0.25 and fresh["coef"] > 0
+    assert fresh["layer"] == 2 and fresh["fraction"] == DEFAULT_STEER_FRACTION == 0.125 and fresh["coef"] > 0
 
 
 def test_sweep_on_two_streams_matches_one(tmp_path: Path) -> None:
@@ -265,7 +266,7 @@ def test_cli_steer_json(tiny_folder: tuple[Path, Path]) -> None:
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["layer"] == 2 and "residual norm" in doc["coef_source"]
-    assert doc["answers"][1]["fraction_of_residual_norm"] == pytest.approx(0.25)
+    assert doc["answers"][1]["fraction_of_residual_norm"] == pytest.approx(DEFAULT_STEER_FRACTION)
 
 
 def test_cli_steer_bad_input(tiny_folder: tuple[Path, Path], tmp_path: Path) -> None:
