@@ -17,7 +17,7 @@ import torch
 
 from personavec.core.errors import PersonavecError
 from personavec.core.generation import SamplingParams, generate
-from personavec.core.store import JsonlStore
+from personavec.core.store import JsonlStore, write_atomic, write_json
 from personavec.core.vectors import PersonaVector
 from personavec.extract.extraction import auroc, cohens_d
 from personavec.extract.filtering import Thresholds, filter_responses
@@ -95,7 +95,7 @@ import sys, time
 from personavec.core.generation import SamplingParams
 from personavec.extract.responses import generate_responses
 from personavec.core.models import load_model
-from personavec.core.store import JsonlStore
+from personavec.core.store import JsonlStore, write_atomic, write_json
 from personavec.traits import load_trait
 lm = load_model(sys.argv[1])
 store = JsonlStore(sys.argv[2])
@@ -251,3 +251,16 @@ def test_too_few_survivors_is_a_clear_error(tmp_path: Path) -> None:
         )
     scores = [json.loads(x) for x in (tmp_path / "r" / "scores.jsonl").read_text().splitlines()]
     assert scores and all(s["score"] is None for s in scores if s["kind"] == "trait")  # unscored, never 0
+
+
+def test_write_atomic_sets_mode_and_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "report.html"
+    write_atomic(target, "<html></html>", mode=0o644)
+    assert target.read_text() == "<html></html>" and (target.stat().st_mode & 0o777) == 0o644
+    write_json(tmp_path / "s.json", {"path": tmp_path})  # values JSON cannot hold become strings
+    assert json.loads((tmp_path / "s.json").read_text()) == {"path": str(tmp_path)}
+
+    with pytest.raises(TypeError):
+        write_atomic(target, 42)  # type: ignore[arg-type]
+    assert target.read_text() == "<html></html>"  # the old file stays
+    assert sorted(p.name for p in target.parent.iterdir()) == ["report.html"]  # no temp file left

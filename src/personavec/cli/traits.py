@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ from rich.text import Text
 
 from personavec.cli import JSON_OPT, app, emit_json, err, friendly, out
 from personavec.core.errors import PersonavecError
+from personavec.core.store import write_atomic
 
 trait_app = typer.Typer(help="Show and author trait specs.", no_args_is_help=True)
 app.add_typer(trait_app, name="trait")
@@ -116,19 +115,6 @@ def trait_show(
     out.print(spec.rubric.rstrip(), markup=False, highlight=False)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and os.replace, so a crash never leaves half a spec."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @trait_app.command("new")
 @friendly
 def trait_new(
@@ -165,7 +151,7 @@ def trait_new(
             spec = build_artifacts(name, description, author)
     else:
         spec = build_artifacts(name, description, None)
-    _write_atomic(path, spec.to_yaml())
+    write_atomic(path, spec.to_yaml())
 
     counts = f"{len(spec.pairs)} pairs, {len(spec.extraction_questions)} + {len(spec.evaluation_questions)}"
     err.print(

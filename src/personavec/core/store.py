@@ -10,9 +10,39 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def write_atomic(path: str | os.PathLike[str], text: str, *, mode: int | None = None) -> None:
+    """Write ``text`` through a temp file in the same folder and ``os.replace``.
+
+    A reader never sees half a file, and a crash leaves the old file (or none) in place.
+
+    Args:
+        path: The file to write (its folder is created).
+        text: The content (UTF-8).
+        mode: File permissions to set (the temp file is private by default).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """:func:`write_atomic` of ``obj`` as indented JSON (values JSON cannot hold become strings)."""
+    write_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def record_key(fields: dict[str, Any]) -> str:

@@ -140,10 +140,9 @@ def relative(thresholds: Thresholds | None = None) -> Filter:
             pair = by_twin[twin_key(row)]
             if len(pair) < 2:
                 return "unscored"  # no twin to compare with
-            reasons = [_reason(r, trait, coherence, t.coherence_min) for r in pair.values()]
-            mine = _reason(row, trait, coherence, t.coherence_min)
-            if mine or any(reasons):
-                return mine or "trait"  # an unusable twin leaves nothing to compare against
+            if any(_reason(r, trait, coherence, t.coherence_min) for r in pair.values()):
+                # An unusable twin leaves nothing to compare against.
+                return _reason(row, trait, coherence, t.coherence_min) or "trait"
             gap = (trait[pair["pos"].key] or 0.0) - (trait[pair["neg"].key] or 0.0)
             return None if gap >= t.margin else "trait"
 
@@ -167,18 +166,14 @@ def auto(thresholds: Thresholds | None = None) -> Filter:
     t = thresholds or Thresholds()
 
     def run(rows: Sequence[ResponseRow], trait: Scores, coherence: Scores) -> FilterResult:
-        notes: list[str] = []
-        result = FilterResult([], [])
-        for make in (absolute, by_polarity):
-            result = make(t)(rows, trait, coherence)
-            enough = min(len(result.positive), len(result.negative)) >= t.min_kept
-            if enough:
-                break
-            notes.append(
-                f"the {result.mode} filter kept only {len(result.positive)} positive and "
-                f"{len(result.negative)} negative answers (want {t.min_kept} a side)"
-            )
-        return replace(result, notes=tuple(notes))
+        result = absolute(t)(rows, trait, coherence)
+        if min(len(result.positive), len(result.negative)) >= t.min_kept:
+            return result
+        note = (
+            f"the absolute filter kept only {len(result.positive)} positive and "
+            f"{len(result.negative)} negative answers (want {t.min_kept} a side)"
+        )
+        return replace(by_polarity(t)(rows, trait, coherence), notes=(note,))
 
     return run
 

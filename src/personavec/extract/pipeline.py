@@ -11,10 +11,8 @@ where it stopped.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -24,7 +22,7 @@ from typing import Any
 from personavec import __version__
 from personavec.core.generation import SamplingParams
 from personavec.core.models import LoadedModel
-from personavec.core.store import JsonlStore
+from personavec.core.store import JsonlStore, write_json
 from personavec.core.vectors import PersonaVector
 from personavec.extract.extraction import LayerEvaluation, evaluate_layers, extract_vector
 from personavec.extract.filtering import (
@@ -101,13 +99,6 @@ class RunResult:
     out_dir: Path
     vectors: dict[str, PersonaVector]
     summary: dict[str, Any]
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def _noop_progress(_label: str, _total: int) -> Callable[[int], None]:
@@ -342,7 +333,7 @@ def run_extraction(
     files = save_vectors(lm, out, vectors, evaluation, choice, cfg.batch_size)
     summary = _summary(lm, spec, cfg, trait_judge, coherence_judge, rows, eval_rows, kept, evaluation, choice)
     summary.update(files=files, timings_s=timer.timings, score_methods=score_methods_by_kind(scores))
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     try:
         from personavec.reports import write_report
 

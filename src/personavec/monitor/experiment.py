@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 from personavec.core.errors import PersonavecError
 from personavec.core.generation import SamplingParams, generate
 from personavec.core.models import LoadedModel
-from personavec.core.store import JsonlStore, record_key
+from personavec.core.store import JsonlStore, record_key, write_json
 from personavec.core.vectors import PersonaVector
 from personavec.monitor.monitoring import monitor
 from personavec.steer.readback import read_back
@@ -529,7 +528,7 @@ def run_monitor_experiment(
             "examples": [{"question": q, "answer": a} for q, a in examples],
             **_summarise(records, labels, judged),
         }
-    _write_json(out / RESULT_NAME, result)
+    write_json(out / RESULT_NAME, result)
     _merge_summary(out / "summary.json", monitoring_summary(result))
     try:
         plot_results(result, out)
@@ -547,13 +546,6 @@ def monitoring_summary(result: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 def _merge_summary(path: Path, monitoring: dict[str, Any]) -> None:
     data: dict[str, Any] = {}
     if path.is_file():
@@ -563,7 +555,7 @@ def _merge_summary(path: Path, monitoring: dict[str, Any]) -> None:
             raise PersonavecError(f"{path}: not valid JSON ({e}); not overwriting it") from e
         data = loaded if isinstance(loaded, dict) else {}
     data["monitoring"] = monitoring
-    _write_json(path, data)
+    write_json(path, data)
 
 
 # -- plots ------------------------------------------------------------------------------------------

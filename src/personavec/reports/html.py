@@ -17,13 +17,13 @@ import html
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from personavec.core.errors import PersonavecError
+from personavec.core.store import write_atomic
 
 if TYPE_CHECKING:
     from personavec.core.models import LoadedModel
@@ -593,8 +593,4 @@ def _write_page(target: Path, trait: object, parts: list[str]) -> None:
         + "\n".join(parts)
         + "\n</body></html>\n"
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
-    os.replace(tmp, target)
+    write_atomic(target, page, mode=0o644)  # a report is meant to be shared
