@@ -209,20 +209,9 @@ def chat(
 
 
 def _trait_for(vector: Any, vector_path: Path, trait: str | None) -> Any:
-    from personavec.traits import load_trait
-    from personavec.traits.spec import load_spec_file
+    from personavec.traits import trait_for_vector
 
-    if trait is not None:
-        return load_trait(trait)
-    beside = vector_path.parent / "trait.yaml"
-    if beside.is_file():
-        return load_spec_file(beside)
-    try:
-        return load_trait(str(vector.meta.trait))
-    except PersonavecError:
-        raise PersonavecError(
-            f"cannot tell which trait vector '{vector.meta.trait}' is for: pass --trait NAME_OR_SPEC"
-        ) from None
+    return trait_for_vector(str(vector.meta.trait), vector_path, trait)
 
 
 def _parse_coefs(text: str | None) -> list[float] | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from personavec.traits.authors import Author, build_artifacts, llm_author, template_author
-from personavec.traits.library import builtin_names, load_trait
+from personavec.traits.library import builtin_names, load_trait, trait_for_vector
 from personavec.traits.spec import TraitSpec
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "llm_author",
     "load_trait",
     "template_author",
+    "trait_for_vector",
 ]

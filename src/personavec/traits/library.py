@@ -69,3 +69,29 @@ def load_trait(name_or_path: str) -> TraitSpec:
         f"unknown trait '{text}': use a built-in ({', '.join(builtin_names())}) "
         "or a path to a .yaml/.json spec (make one with 'personavec trait new')"
     )
+
+
+def trait_for_vector(vector_trait: str, vector_path: str | Path, override: str | None = None) -> TraitSpec:
+    """The trait spec that goes with a vector file.
+
+    Args:
+        vector_trait: The trait name stored in the vector (``meta.trait``).
+        vector_path: The vector file; a ``trait.yaml`` beside it (an extraction run folder) wins.
+        override: A built-in name or spec path the user gave; used when not ``None``.
+
+    Returns:
+        The spec: the override, else the run folder's ``trait.yaml``, else the built-in of that name.
+
+    Raises:
+        PersonavecError: If none of these exists.
+    """
+    if override is not None:
+        return load_trait(override)
+    beside = Path(vector_path).parent / "trait.yaml"
+    if beside.is_file():
+        return load_spec_file(beside)
+    if vector_trait in builtin_names():
+        return load_trait(vector_trait)
+    raise PersonavecError(
+        f"cannot tell which trait vector '{vector_trait}' ({vector_path}) is for: pass --trait NAME_OR_SPEC"
+    )

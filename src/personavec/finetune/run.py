@@ -1,0 +1,173 @@
+"""One fine-tuning run from data to adapter folder: the steps behind ``personavec finetune``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from personavec import __version__
+from personavec.core.conversations import Conversation
+from personavec.core.errors import PersonavecError
+from personavec.core.models import LoadedModel
+from personavec.core.store import write_json
+from personavec.finetune.prevent import AutoSearch, Intervention, auto_coefficient
+from personavec.finetune.shift import projections
+from personavec.finetune.training import (
+    CHECKPOINT,
+    RECEIPT,
+    StepCallback,
+    TrainConfig,
+    Trainee,
+    TrainResult,
+    encode_examples,
+    prepare,
+    save_output,
+    settings_key,
+    train_steps,
+)
+
+SEARCH_FILE = "auto_search.json"
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """A finished run.
+
+    Attributes:
+        out: The adapter (or model) folder.
+        trainee: The trained model (still loaded; LoRA adapters active).
+        interventions: What was applied during training, with chosen strengths.
+        search: The automatic strength search, if one ran.
+        train: The training loop's result.
+        receipt: What was written to ``personavec_finetune.json``.
+    """
+
+    out: Path
+    trainee: Trainee
+    interventions: list[Intervention]
+    search: AutoSearch | None
+    train: TrainResult
+    receipt: dict[str, Any]
+
+
+def _check_out(out: Path, key: str) -> None:
+    """Refuse to resume (or overwrite) a folder that holds another run's checkpoint or result."""
+    marker = out / CHECKPOINT / "settings.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("key") != key:
+        raise PersonavecError(
+            f"{out} holds a checkpoint of a run with other data or settings: use another --out, or delete "
+            f"{out / CHECKPOINT} to start again"
+        )
+    if (out / RECEIPT).is_file() and not marker.is_file():
+        raise PersonavecError(f"{out} already holds a finished fine-tuning run: use another --out")
+
+
+def _choose_strengths(
+    trainee: Trainee,
+    encoded: Sequence[Any],
+    cfg: TrainConfig,
+    interventions: list[Intervention],
+    questions: Sequence[str] | None,
+    out: Path,
+    key: str,
+    on_probe: Callable[[float, float], None] | None,
+) -> tuple[list[Intervention], AutoSearch | None]:
+    """Fill in an automatic strength (at most one per run), reusing a search saved by a killed run."""
+    auto = [i for i, iv in enumerate(interventions) if iv.kind == "prevent" and iv.coef is None]
+    if not auto:
+        return interventions, None
+    if len(auto) > 1:
+        raise PersonavecError("only one --prevent may leave its strength to the automatic search")
+    if not questions:
+        raise PersonavecError("the automatic strength needs the trait's evaluation questions")
+    saved = out / CHECKPOINT / SEARCH_FILE
+    if saved.is_file() and json.loads(saved.read_text()).get("key") == key:
+        data = json.loads(saved.read_text())["search"]
+        search = AutoSearch(
+            data["coef"], [tuple(p) for p in data["probes"]], data["probe_steps"], data["note"]
+        )
+    else:
+        target = interventions[auto[0]]
+        others = [iv.spec() for j, iv in enumerate(interventions) if j != auto[0]]
+        search = auto_coefficient(trainee, encoded, cfg, target, questions, others=others, on_probe=on_probe)
+        write_json(saved, {"key": key, "search": search.to_dict()})
+    chosen = list(interventions)
+    chosen[auto[0]] = replace(interventions[auto[0]], coef=search.coef)
+    return chosen, search
+
+
+def finetune(
+    lm: LoadedModel,
+    conversations: Sequence[Conversation],
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    *,
+    interventions: Sequence[Intervention] = (),
+    questions: Sequence[str] | None = None,
+    data_info: dict[str, Any] | None = None,
+    on_step: StepCallback | None = None,
+    on_probe: Callable[[float, float], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``lm`` on chat examples, with vectors added or ablated during training.
+
+    Killed and run again with the same arguments, it resumes from the last checkpoint in ``out``.
+
+    Args:
+        lm: The model (changed in place: LoRA layers are injected, or all weights train with ``cfg.full``).
+        conversations: Chat examples ending in the assistant answer to learn.
+        out: Output folder: a PEFT adapter (or transformers model) plus ``personavec_finetune.json``.
+        cfg: Training settings.
+        interventions: ``prevent`` / ``ablate`` vectors; a ``prevent`` with ``coef=None`` gets its
+            strength from :func:`~personavec.finetune.prevent.auto_coefficient`.
+        questions: The trait's evaluation questions (needed by the automatic strength; the receipt
+            records the shift they show).
+        data_info: Where the data came from (recorded; ``sha256`` keys the resume).
+        on_step: Progress per optimizer step.
+        on_probe: Progress per strength probe.
+
+    Returns:
+        The :class:`FinetuneResult`.
+    """
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    t0 = time.perf_counter()
+    encoded = encode_examples(lm, conversations, cfg.max_tokens)
+    if not encoded:
+        raise PersonavecError("no training examples")
+    info = dict(data_info or {})
+    key = settings_key(str(info.get("sha256", "")), cfg, [iv.to_dict() for iv in interventions])
+    _check_out(out, key)
+    write_json(out / CHECKPOINT / "settings.json", {"key": key})
+    base = {iv.path: projections(lm, iv.vector, questions) for iv in interventions} if questions else {}
+    trainee = prepare(lm, cfg)
+    chosen, search = _choose_strengths(
+        trainee, encoded, cfg, list(interventions), questions, out, key, on_probe
+    )
+    specs = [iv.spec() for iv in chosen]
+    result = train_steps(
+        trainee, encoded, cfg, interventions=specs, checkpoint_dir=out / CHECKPOINT, on_step=on_step
+    )
+    shifts = {
+        iv.path: projections(lm, iv.vector, questions)[iv.layer] - base[iv.path][iv.layer]
+        for iv in chosen
+        if questions
+    }
+    receipt = {
+        "personavec": __version__,
+        "base_model": lm.info.to_dict(),
+        "data": info,
+        "config": asdict(cfg),
+        "interventions": [iv.to_dict() for iv in chosen],
+        "auto_search": search.to_dict() if search else None,
+        "shift_at_layer": shifts,
+        "losses": result.losses,
+        "resumed_from_step": result.resumed_from,
+        "seconds": time.perf_counter() - t0,
+        "format": "full model" if cfg.full else "peft adapter",
+    }
+    save_output(trainee, out, receipt)
+    return FinetuneResult(out, trainee, chosen, search, result, receipt)
