@@ -122,6 +122,7 @@ def main() -> None:
 
 # Importing the command modules registers their commands on `app`.
 from personavec.cli import core as _core  # noqa: E402, F401
+from personavec.cli import data as _data  # noqa: E402, F401
 from personavec.cli import experiment as _experiment  # noqa: E402, F401
 from personavec.cli import extract as _extract  # noqa: E402, F401
 from personavec.cli import finetune as _finetune  # noqa: E402, F401
