@@ -145,6 +145,9 @@ def test_killed_run_resumes_from_the_checkpoint_and_ends_where_an_unbroken_run_e
     with pytest.raises(Killed):
         finetune(tiny("llama"), DATA, tmp_path / "b", CFG, data_info={"sha256": "d"}, on_step=kill_at_4)
     assert json.loads((tmp_path / "b" / CHECKPOINT / "state.json").read_text())["step"] == 3
+    # Other data into the unfinished folder is refused rather than mixed with its checkpoint.
+    with pytest.raises(PersonavecError, match="other data or settings"):
+        finetune(tiny("llama"), DATA, tmp_path / "b", CFG, data_info={"sha256": "other"})
     resumed = tiny("llama")
     res = finetune(resumed, DATA, tmp_path / "b", CFG, data_info={"sha256": "d"})
     assert res.train.resumed_from == 3 and len(res.train.losses) == CFG.steps(len(DATA))
@@ -195,7 +198,9 @@ def test_auto_coefficient_probes_within_one_run_and_resets_the_weights() -> None
         trainee, enc, CFG, iv, ["Hello?", "Why?"], on_probe=lambda c, s: steps.append(1)
     )
     assert search.coef >= 0 and 1 <= len(search.probes) <= 3 and len(steps) == len(search.probes)
-    assert search.probe_steps * len(search.probes) <= CFG.steps(len(DATA))
+    # Together the probes see about as many examples as the run itself.
+    assert search.probe_steps == CFG.steps(len(DATA)) and search.probe_batch == CFG.batch_size // 3
+    assert search.probe_batch * len(search.probes) <= CFG.batch_size
     assert all(torch.equal(p, trainee.initial[n]) for n, p in trainee.params.items())
 
 
@@ -249,3 +254,25 @@ def test_cli_finetune_and_shift_on_a_tiny_model_folder(tmp_path: Path) -> None:
     # Bad input: one line, exit code 2.
     res = CliRunner().invoke(app, ["finetune", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "none.jsonl" in res.stderr
+
+
+def test_a_killed_automatic_run_does_not_search_again(tmp_path: Path) -> None:
+    probes: list[float] = []
+    vec = _vector(tiny("llama"), scale=0.3)
+
+    def kill_at_2(step: int, _total: int, _loss: float) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    def run(on_step):  # type: ignore[no-untyped-def]
+        iv = Intervention(vec, "v", 2, None)
+        qs = ["Hi?", "Why?"]
+        return finetune(tiny("llama"), DATA, tmp_path / "ad", CFG, interventions=[iv], questions=qs,
+                        on_step=on_step, on_probe=lambda c, s: probes.append(c))  # fmt: skip
+
+    with pytest.raises(KeyboardInterrupt):
+        run(kill_at_2)
+    searched = len(probes)
+    res = run(None)
+    assert searched >= 1 and len(probes) == searched and res.train.resumed_from == 1
+    assert res.receipt["auto_search"]["coef"] == res.receipt["interventions"][0]["coef"]

@@ -154,3 +154,106 @@ def _shift_table(report: dict[str, Any]) -> Table:
             f"neutral perplexity {b['perplexity']:.2f} -> {t['perplexity']:.2f}"
         )
     return table
+
+
+@app.command("prevent-experiment")
+@friendly(resumable=True)
+def prevent_experiment_cmd(
+    target: str = typer.Argument(..., help="A trait name / spec file, or an extraction run folder."),
+    vector: Path | None = typer.Option(
+        None, "--vector", help="Vector file (default: RUN/vector.safetensors)."
+    ),
+    model: str | None = MODEL_OPT,
+    judge: str | None = typer.Option(None, help="Trait judge: embedding (default), openai:M, anthropic:M."),
+    n: int | None = typer.Option(None, "--n", min=4, help="Training examples per dataset (default 96)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="A small run: 24 examples, strong and control, 6 questions."
+    ),
+    plain_only: bool = typer.Option(
+        False, "--plain-only", help="Only the plain fine-tunes (strong, mild, control): shift vs expression."
+    ),
+    mmlu: Path | None = typer.Option(None, help="A local MMLU copy for the capability probe."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Results folder (default RUN/prevent; resumes)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Fine-tune on the trait's own data with and without preventative steering, and compare."""
+    from dataclasses import replace
+
+    from personavec.cli.extract import default_run_dir, rich_progress
+    from personavec.core.vectors import PersonaVector
+    from personavec.finetune.experiment import QUICK, PreventConfig, run_prevent_experiment
+    from personavec.finetune.measure import judge_fn
+    from personavec.reports import write_prevent_report
+    from personavec.traits import trait_for_vector
+
+    given = Path(target)
+    run_dir = given if given.is_dir() else default_run_dir(target, model)
+    vector_path = vector or run_dir / "vector.safetensors"
+    if not vector_path.is_file():
+        name = given.name if given.is_dir() else given.stem
+        raise PersonavecError(f"no persona vector at {vector_path}: run `personavec extract {name}` first")
+    vec = PersonaVector.load(vector_path)
+    spec = trait_for_vector(str(vec.meta.trait), vector_path, None if given.is_dir() else target)
+    cfg = QUICK if quick else PreventConfig()
+    cfg = replace(cfg, n=n or cfg.n, mmlu=mmlu)
+    if plain_only:
+        cfg = replace(cfg, prevent=False, ablate=False, steer_inference=False)
+    folder = out_dir or run_dir / "prevent"
+    lm = load(model)
+    vec.check_model(lm.info.n_blocks, lm.info.hidden_size, lm.info.id)
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    with rich_progress() as progress:
+        maker = _data_maker(lm, spec, cfg.n, folder, judge, progress, log)
+        result = run_prevent_experiment(
+            lm, spec, vec, str(vector_path), folder, maker, cfg, judge=judge_fn(judge, spec, lm), log=log,
+        )  # fmt: skip
+    report = write_prevent_report(folder)
+    err.print(f"report: {report}", highlight=False)
+    if as_json:
+        emit_json({"folder": str(folder), "report": str(report), **result})
+        return
+    out.print(_prevent_table(result))
+
+
+def _data_maker(lm: Any, spec: Any, n: int, folder: Path, judge: str | None, progress: Any, log: Any) -> Any:
+    """Makes each training set once (kept in FOLDER/data/KIND.jsonl and reused on a rerun)."""
+    from personavec.finetune.trait_data import DataConfig, make_trait_dataset
+    from personavec.judging import make_coherence_judge, make_trait_judge
+
+    def make(kind: str) -> Path:
+        path = folder / "data" / f"{kind}.jsonl"
+        if path.is_file():
+            return path
+        log(f"making the {kind} training set ({n} examples) ...")
+        cfg = DataConfig(n=n, strength="mild" if kind == "mild" else "strong", control=kind == "control")
+        make_trait_dataset(
+            lm, spec, cfg, trait_judge=make_trait_judge(judge, spec, lm),
+            coherence_judge=make_coherence_judge(None, lm), out=path, progress=progress,
+        )  # fmt: skip
+        return path
+
+    return make
+
+
+def _prevent_table(result: dict[str, Any]) -> Table:
+    table = Table(title="preventative steering experiment (changes against the base model)")
+    for col in ("condition", "coef", "shift", "expression", "judge", "MC acc", "perplexity"):
+        table.add_column(col)
+
+    def f(x: Any, spec: str = "+.2f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    for name, r in result.get("table", {}).items():
+        cells = [
+            f(r["coef"], ".3f"),
+            f(r["shift"]),
+            f(r["expression"]),
+            f(r["judge"]),
+            f(r["mc_accuracy"], ".3f"),
+        ]
+        table.add_row(name, *cells, f(r["perplexity"], ".2f"))
+    corr = result.get("correlation") or {}
+    table.caption = (
+        f"shift vs expression change across datasets: r = {f(corr.get('r'))} ({corr.get('points')} points)"
+    )
+    return table

@@ -277,7 +277,7 @@ def write_chat_jsonl(
             raise PersonavecError(f"extra[{i}] must not hold 'messages'")
         record = {"messages": validate(conv, where=f"conversation {i}"), **fields}
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    write_atomic(path, "".join(lines))
+    write_atomic(path, "".join(lines), mode=0o644)  # training data is meant to be shared
 
 
 def split_prompt_response(conversation: Conversation) -> tuple[list[dict[str, str]], str]:

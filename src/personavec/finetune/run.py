@@ -30,7 +30,8 @@ from personavec.finetune.training import (
     train_steps,
 )
 
-SEARCH_FILE = "auto_search.json"
+# Beside the checkpoint (which is replaced as a whole): which run the folder belongs to, and its search.
+RUN_STATE = "run_state.json"
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,11 @@ class FinetuneResult:
 
 def _check_out(out: Path, key: str) -> None:
     """Refuse to resume (or overwrite) a folder that holds another run's checkpoint or result."""
-    marker = out / CHECKPOINT / "settings.json"
+    marker = out / RUN_STATE
     if marker.is_file() and json.loads(marker.read_text()).get("key") != key:
         raise PersonavecError(
-            f"{out} holds a checkpoint of a run with other data or settings: use another --out, or delete "
-            f"{out / CHECKPOINT} to start again"
+            f"{out} holds an unfinished run with other data or settings: use another --out, or delete "
+            f"{out} to start again"
         )
     if (out / RECEIPT).is_file() and not marker.is_file():
         raise PersonavecError(f"{out} already holds a finished fine-tuning run: use another --out")
@@ -73,7 +74,6 @@ def _choose_strengths(
     interventions: list[Intervention],
     questions: Sequence[str] | None,
     out: Path,
-    key: str,
     on_probe: Callable[[float, float], None] | None,
 ) -> tuple[list[Intervention], AutoSearch | None]:
     """Fill in an automatic strength (at most one per run), reusing a search saved by a killed run."""
@@ -84,17 +84,16 @@ def _choose_strengths(
         raise PersonavecError("only one --prevent may leave its strength to the automatic search")
     if not questions:
         raise PersonavecError("the automatic strength needs the trait's evaluation questions")
-    saved = out / CHECKPOINT / SEARCH_FILE
-    if saved.is_file() and json.loads(saved.read_text()).get("key") == key:
-        data = json.loads(saved.read_text())["search"]
-        search = AutoSearch(
-            data["coef"], [tuple(p) for p in data["probes"]], data["probe_steps"], data["note"]
-        )
+    state = json.loads((out / RUN_STATE).read_text())
+    if state.get("search"):  # a killed run already searched: do not pay for it twice
+        data = state["search"]
+        probes = [(float(c), float(x)) for c, x in data["probes"]]
+        search = AutoSearch(data["coef"], probes, data["probe_steps"], data["probe_batch"], data["note"])
     else:
         target = interventions[auto[0]]
         others = [iv.spec() for j, iv in enumerate(interventions) if j != auto[0]]
         search = auto_coefficient(trainee, encoded, cfg, target, questions, others=others, on_probe=on_probe)
-        write_json(saved, {"key": key, "search": search.to_dict()})
+        write_json(out / RUN_STATE, {**state, "search": search.to_dict()})
     chosen = list(interventions)
     chosen[auto[0]] = replace(interventions[auto[0]], coef=search.coef)
     return chosen, search
@@ -141,12 +140,11 @@ def finetune(
     info = dict(data_info or {})
     key = settings_key(str(info.get("sha256", "")), cfg, [iv.to_dict() for iv in interventions])
     _check_out(out, key)
-    write_json(out / CHECKPOINT / "settings.json", {"key": key})
+    if not (out / RUN_STATE).is_file():
+        write_json(out / RUN_STATE, {"key": key})
     base = {iv.path: projections(lm, iv.vector, questions) for iv in interventions} if questions else {}
     trainee = prepare(lm, cfg)
-    chosen, search = _choose_strengths(
-        trainee, encoded, cfg, list(interventions), questions, out, key, on_probe
-    )
+    chosen, search = _choose_strengths(trainee, encoded, cfg, list(interventions), questions, out, on_probe)
     specs = [iv.spec() for iv in chosen]
     result = train_steps(
         trainee, encoded, cfg, interventions=specs, checkpoint_dir=out / CHECKPOINT, on_step=on_step
@@ -170,4 +168,5 @@ def finetune(
         "format": "full model" if cfg.full else "peft adapter",
     }
     save_output(trainee, out, receipt)
+    (out / RUN_STATE).unlink(missing_ok=True)
     return FinetuneResult(out, trainee, chosen, search, result, receipt)

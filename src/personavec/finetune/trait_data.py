@@ -751,7 +751,8 @@ def _write(
     report: DatasetReport, rows: Sequence[ResponseRow], records: list[dict[str, Any]], header: dict[str, Any]
 ) -> None:
     """Write the per-row scores, the header and the set, each atomically (the set last)."""
-    write_atomic(report.scores_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    write_atomic(report.scores_path, text, mode=0o644)
     write_json(report.meta_path, header)
     write_chat_jsonl(report.path, [r.conversation(with_system=False) for r in rows])
 

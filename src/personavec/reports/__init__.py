@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from personavec.reports.html import REPORT_NAME, write_report
+from personavec.reports.html import REPORT_NAME, write_prevent_report, write_report
 
-__all__ = ["REPORT_NAME", "write_report"]
+__all__ = ["REPORT_NAME", "write_prevent_report", "write_report"]

@@ -594,3 +594,63 @@ def _write_page(target: Path, trait: object, parts: list[str]) -> None:
         + "\n</body></html>\n"
     )
     write_atomic(target, page, mode=0o644)  # a report is meant to be shared
+
+
+def write_prevent_report(folder: str | os.PathLike[str]) -> Path:
+    """Write ``report.html`` for a ``prevent-experiment`` folder (its table, checks and plot).
+
+    Args:
+        folder: The experiment folder (holds ``prevent_experiment.json``).
+
+    Returns:
+        The HTML file written.
+
+    Raises:
+        PersonavecError: If the folder holds no results.
+    """
+    from personavec.finetune.experiment import RESULT_NAME, plot_results
+
+    where = Path(folder)
+    result = _read_json(where / RESULT_NAME)
+    if not result:
+        raise PersonavecError(f"{where} has no {RESULT_NAME}: run `personavec prevent-experiment` first")
+    settings = result.get("settings", {})
+    parts = [
+        "<h1>Preventative steering experiment</h1>",
+        f"<p class='muted'>vector: {_esc(settings.get('vector'))}, layer {_esc(settings.get('layer'))}</p>",
+        "<p>Each condition is measured against the base model on the trait's evaluation questions: the "
+        "finetuning shift (mean last-prompt projection), trait expression (answers read back by the base "
+        "model; judge score), and the capability probe (multiple choice, neutral perplexity).</p>",
+    ]
+    header = [
+        "condition",
+        "coef",
+        "shift",
+        "expression",
+        "judge",
+        "MC accuracy",
+        "MC p(correct)",
+        "perplexity",
+    ]
+    rows = [
+        [_esc(n), _fmt(r.get("coef")), _fmt(r["shift"], 2), _fmt(r["expression"], 2), _fmt(r.get("judge"), 1),
+         _fmt(r["mc_accuracy"]), _fmt(r["mc_prob"]), _fmt(r["perplexity"], 2)]
+        for n, r in (result.get("table") or {}).items()
+    ]  # fmt: skip
+    parts.append(_table(header, rows))
+    corr = result.get("correlation") or {}
+    parts.append(
+        f"<p>Shift against expression change over the plain fine-tunes: r = {_fmt(corr.get('r'), 2)} "
+        f"({_esc(corr.get('points'))} points; the paper reports 0.76-0.97).</p>"
+    )
+    checks = result.get("checks") or {}
+    parts.append(_table(["check", "value"], [[_esc(k), _fmt(v)] for k, v in checks.items()]))
+    try:
+        png = plot_results(result, where)
+        uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+        parts.append(f"<img alt='shift and expression per condition' src='{uri}'>")
+    except Exception as e:  # a broken plot must not cost the table
+        parts.append(f"<p class='muted'>plot not drawn: {_esc(e)}</p>")
+    target = where / REPORT_NAME
+    _write_page(target, "prevent-experiment", parts)
+    return target
