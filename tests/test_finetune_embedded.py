@@ -52,3 +52,19 @@ def test_data_finetune_prevent_and_shift(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.stderr
     shift = json.loads(res.stdout)["vectors"][0]["shift"]
     assert shift == pytest.approx(receipt["shift_at_layer"][str(vec_path)], abs=1e-3)
+
+
+def test_prevent_experiment_quick(tmp_path: Path) -> None:
+    lm = load_model()
+    run = tmp_path / "evil-run"
+    demo_vector(lm).with_meta(trait="evil", extra={"recommended_layer": 17}).save(run / "vector.safetensors")
+    res = CliRunner().invoke(app, ["prevent-experiment", str(run), "--quick", "--json"])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    names = ["base", "plain:control", "plain:strong", "prevent:auto", "steer:inference"]
+    assert list(doc["conditions"]) == names
+    table = doc["table"]
+    assert all(0 <= table[n]["mc_accuracy"] <= 1 and table[n]["perplexity"] > 1 for n in names)
+    assert table["prevent:auto"]["coef"] >= 0 and table["steer:inference"]["coef"] <= 0
+    folder = run / "prevent"
+    assert (folder / "report.html").is_file() and (folder / "prevent_experiment.png").is_file()

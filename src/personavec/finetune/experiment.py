@@ -32,7 +32,7 @@ from personavec.core.models import LoadedModel
 from personavec.core.steering import steer
 from personavec.core.store import write_json
 from personavec.core.vectors import PersonaVector
-from personavec.finetune.capability import capability_probe
+from personavec.finetune.capability import capability_probe, load_questions, multiple_choice, perplexity
 from personavec.finetune.data import load_chat_dataset
 from personavec.finetune.prevent import Intervention, secant_step
 from personavec.finetune.run import finetune
@@ -62,6 +62,7 @@ class PreventConfig:
         questions: Evaluation questions used (``None``: all of the spec's).
         max_new_tokens: Answer length when measuring expression.
         mmlu: A local MMLU copy for the capability probe.
+        probe_questions: Use only the first N bundled multiple-choice questions (``None``: all).
     """
 
     n: int = 96
@@ -74,11 +75,12 @@ class PreventConfig:
     questions: int | None = None
     max_new_tokens: int = 64
     mmlu: Path | None = None
+    probe_questions: int | None = None
 
 
 QUICK = PreventConfig(
     n=24, train=TrainConfig(epochs=2, batch_size=8), datasets=("strong", "control"), fixed=(),
-    ablate=False, questions=6, max_new_tokens=32,
+    ablate=False, questions=6, max_new_tokens=32, probe_questions=40,
 )  # fmt: skip
 
 # Measures general capability; the result has "mc" (with "accuracy", "mean_correct_prob") and "perplexity".
@@ -190,6 +192,14 @@ def _steered(ctx: Context, data: Path, target: float, plain_readback: float) -> 
     return record
 
 
+def default_probe(lm: LoadedModel, cfg: PreventConfig) -> dict[str, Any]:
+    """The capability probe as the config asks (all bundled questions, or the first ``probe_questions``)."""
+    if cfg.probe_questions is None:
+        return capability_probe(lm, mmlu_path=cfg.mmlu).to_dict()
+    mc = multiple_choice(lm, load_questions()[: cfg.probe_questions], method="cloze")
+    return {"mc": mc.to_dict(), "perplexity": perplexity(lm), "mmlu": None}
+
+
 def _plan(cfg: PreventConfig) -> list[str]:
     names = [f"plain:{d}" for d in cfg.datasets if d != "strong"] + ["plain:strong"]
     if cfg.prevent:
@@ -251,7 +261,7 @@ def run_prevent_experiment(
     folder = Path(folder)
     layer = vector.require_recommended_layer()
     questions = list(spec.evaluation_questions)[: cfg.questions]
-    probe = capability or (lambda m: capability_probe(m, mmlu_path=cfg.mmlu).to_dict())
+    probe = capability or (lambda m: default_probe(m, cfg))
     ctx = Context(lm, spec, vector, vector_path, layer, questions, cfg, folder, judge, log, probe, on_step)
     result = _load(folder, cfg, vector_path, layer)
     done: dict[str, Any] = result["conditions"]
@@ -267,7 +277,7 @@ def run_prevent_experiment(
 
 
 # Settings that change what a finished condition measured; the others only choose which conditions run.
-_RESULT_KEYS = ("n", "train", "questions", "max_new_tokens", "mmlu")
+_RESULT_KEYS = ("n", "train", "questions", "max_new_tokens", "mmlu", "probe_questions")
 
 
 def _load(folder: Path, cfg: PreventConfig, vector_path: str, layer: int) -> dict[str, Any]:
