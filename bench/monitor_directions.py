@@ -72,8 +72,10 @@ def main() -> None:
             la = capture_activations(lm, convs, poolings=[last_prompt])["last_prompt"]
         if hw.exists():
             rows = [json.loads(x) for x in hw.read_text().splitlines() if x.strip()]
-            convs = [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
-                     for r in rows]  # fmt: skip
+            convs = [
+                [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+                for r in rows
+            ]
             ha = capture_activations(lm, convs, poolings=[response_mean])["response_mean"]
             labels = torch.tensor([int(r["label"]) for r in rows])
         res: dict[str, Any] = {"recommended_layer": rec}
