@@ -175,15 +175,15 @@ def _steered(ctx: Context, data: Path, target: float, plain_readback: float) -> 
 
     try:
         probes = [(0.0, plain_readback - target)]
-        coef = 0.0
         if probes[0][1] > 0:
-            # A first guess that moves the stream by the gap, then secant steps on the measured read-back.
+            # A first guess that moves the stream by the gap, then secant steps on the measured read-back;
+            # the strength whose read-back came closest to the target is kept.
             coef = probes[0][1] / max(float(ctx.vector.at(ctx.layer).norm()), 1e-6)
-            for _ in range(3):
+            for _ in range(4):
                 probes.append((coef, readback_at(coef) - target))
                 ctx.log(f"  inference steering {-coef:.3f}: read-back gap {probes[-1][1]:+.2f}")
                 coef = secant_step(probes)
-            coef = min((p for p in probes if p[1] <= 0), key=lambda p: p[0], default=probes[-1])[0]
+        coef = min(probes, key=lambda p: abs(p[1]))[0]
         # Every position, so the capability probe's single forward passes are steered too.
         record = _measure(ctx, peft_model.disable_adapter, lambda: steer(lm, ctx.vector, ctx.layer, -coef))
     finally:

@@ -204,10 +204,13 @@ def secant_step(probes: Sequence[tuple[float, float]]) -> float:
     """Secant step toward shift 0 from the two probes that bracket it best (never negative)."""
     below = [p for p in probes if p[1] <= 0]
     above = [p for p in probes if p[1] > 0]
-    if not below:  # still learning the trait: go further, at least doubling
-        (c1, s1), (c0, s0) = sorted(probes, key=lambda p: p[0])[-1], sorted(probes, key=lambda p: p[0])[-2]
+    if not below:  # still short of zero: follow the slope of the two strongest probes
+        (c0, s0), (c1, s1) = sorted(probes, key=lambda p: p[0])[-2:]
         slope = (s1 - s0) / (c1 - c0) if c1 != c0 else 0.0
-        return max(2 * c1, c1 - s1 / slope) if slope < 0 else 2 * c1
+        if slope >= 0:
+            return 2 * c1  # no sign of progress: double
+        # Bounded, so one noisy probe cannot send the next one far past the zero.
+        return min(max(c1 - s1 / slope, 1.05 * c1), 4 * c1)
     lo = max(above, key=lambda p: p[0])  # the strongest strength that was still too weak
     hi = min(below, key=lambda p: p[0])  # the weakest strength that overshot
     return lo[0] + (hi[0] - lo[0]) * lo[1] / (lo[1] - hi[1])
