@@ -1,9 +1,9 @@
 """What preventative steering costs a LoRA training step, and how long default fine-tuning takes.
 
-* ``step``: optimizer steps of the default LoRA (r 16, batch 8) on the same batches, plain against with
-  the vector added at one layer (``--prevent``) and ablated (``--ablate``), interleaved: round k runs one
-  step of every variant on batch k, so load changes hit all variants alike. Each variant has its own
-  adapter and optimizer; the ratio is the median of per-round paired ratios.
+* ``step``: optimizer steps of the default LoRA (r 16, batch 8) plain, with the vector added at one layer
+  (``--prevent``) and ablated (``--ablate``), interleaved: round k runs one step of every variant on
+  batch k, in rotating order, each from the same weights (reset before the step), so load changes hit
+  all variants alike; the ratio is the median of per-round paired ratios.
 * ``--runs``: wall time of ``personavec finetune`` as a user runs it (96 examples, 2 epochs), plain and
   with the automatic preventative strength, each in a new process.
 
@@ -51,7 +51,9 @@ def step_times(data: Path, vector: Path, rounds: int) -> dict[str, Any]:
 
     for r in range(rounds + 1):  # round 0 warms up
         batch = [enc[int(i)] for i in torch.randperm(len(enc), generator=g)[: cfg.batch_size]]
-        for name, specs in variants.items():
+        names = list(variants)
+        for name in names[r % 3 :] + names[: r % 3]:  # rotate, so no variant always goes first
+            specs = variants[name]
             trainee.reset()  # every variant steps from the same weights
             lm.model.train()
             t0 = time.perf_counter()

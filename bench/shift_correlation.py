@@ -39,7 +39,14 @@ def main() -> None:
         judge = "-" if r["judge"] is None else f"{r['judge']:+.2f}"
         head = f"{r['trait']:<32} {r['condition']:<14}"
         print(f"{head} shift {r['shift']:+.3f}  read-back {r['expression']:+.3f}  judge {judge}")
-    out: dict[str, Any] = {"points": rows}
+    out: dict[str, Any] = {"points": rows, "per_trait_r_readback": {}}
+    # Per trait, as the paper reports it: its plain fine-tunes and the base model itself (shift 0, change 0).
+    for trait in dict.fromkeys(r["trait"] for r in rows):
+        mine = [r for r in rows if r["trait"] == trait]
+        xs, ys = [0.0] + [r["shift"] for r in mine], [0.0] + [r["expression"] for r in mine]
+        out["per_trait_r_readback"][trait] = pearson(xs, ys)
+        r_trait = out["per_trait_r_readback"][trait]
+        print(f"{trait}: r(shift, read-back change) over base + {len(mine)} fine-tunes = {r_trait}")
     out["pooled_r_readback"] = pearson([r["shift"] for r in rows], [r["expression"] for r in rows])
     judged = [r for r in rows if r["judge"] is not None]
     out["pooled_r_judge"] = pearson([r["shift"] for r in judged], [r["judge"] for r in judged])
