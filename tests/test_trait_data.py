@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,30 +30,10 @@ from personavec.finetune.trait_data import (
     select_rows,
     sidecar_paths,
 )
-from personavec.judging.base import JudgeItem
 from personavec.traits import TraitSpec, load_trait
 
 from .conftest import make_model, make_tokenizer, tiny
-
-
-class HashJudge:
-    """Deterministic stand-in trait judge: a score from the answer's hash, about half above 50."""
-
-    def __init__(self, name: str = "hash") -> None:
-        self.name = name
-        self.calls = 0
-
-    def score(self, items: Sequence[JudgeItem]) -> list[float | None]:
-        self.calls += len(items)
-        return [float(int(hashlib.sha256(i.answer.encode()).hexdigest()[:4], 16) % 101) for i in items]
-
-
-class ConstJudge:
-    def __init__(self, value: float | None, name: str = "const") -> None:
-        self.value, self.name = value, name
-
-    def score(self, items: Sequence[JudgeItem]) -> list[float | None]:
-        return [self.value for _ in items]
+from .test_pipeline import ConstJudge, HashJudge
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,12 @@ MODEL_OPT = typer.Option(
     None, "--model", "-m", help="smollm2-135m (default), a HF id, a folder or a .gguf file."
 )
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
+JUDGE_OPT = typer.Option(
+    None, help="Trait judge: embedding (default, offline), local[:MODEL], openai:MODEL, anthropic:MODEL."
+)
+COHERENCE_JUDGE_OPT = typer.Option(
+    None, "--coherence-judge", help="Coherence judge: perplexity (default, offline) or as --judge."
+)
 
 
 @overload

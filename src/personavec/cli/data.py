@@ -9,7 +9,18 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from personavec.cli import JSON_OPT, MODEL_OPT, app, emit_json, err, friendly, load, out
+from personavec.cli import (
+    COHERENCE_JUDGE_OPT,
+    JSON_OPT,
+    JUDGE_OPT,
+    MODEL_OPT,
+    app,
+    emit_json,
+    err,
+    friendly,
+    load,
+    out,
+)
 
 data_app = typer.Typer(help="Fine-tuning datasets made from the model's own answers.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -28,12 +39,8 @@ def data_make(
         False, "--control", help="Write the matched normal set (same questions, suppressing prompts)."
     ),
     model: str | None = MODEL_OPT,
-    judge: str | None = typer.Option(
-        None, help="Trait judge: embedding (default, offline), local[:MODEL], openai:MODEL, anthropic:MODEL."
-    ),
-    coherence_judge: str | None = typer.Option(
-        None, "--coherence-judge", help="Coherence judge: perplexity (default, offline) or as --judge."
-    ),
+    judge: str | None = JUDGE_OPT,
+    coherence_judge: str | None = COHERENCE_JUDGE_OPT,
     author: str | None = typer.Option(
         None, help="openai:MODEL or anthropic:MODEL: ask it for 40 more questions (default: the bank only)."
     ),

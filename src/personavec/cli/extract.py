@@ -20,7 +20,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from personavec.cli import JSON_OPT, MODEL_OPT, app, emit_json, err, friendly, load, out, parse_layers
+from personavec.cli import (
+    COHERENCE_JUDGE_OPT,
+    JSON_OPT,
+    JUDGE_OPT,
+    MODEL_OPT,
+    app,
+    emit_json,
+    err,
+    friendly,
+    load,
+    out,
+    parse_layers,
+)
 
 
 @contextmanager
@@ -54,12 +66,8 @@ def default_run_dir(trait: str, model: str | None) -> Path:
 def extract(
     trait: str = typer.Argument(..., help="A built-in trait name, or the path of a trait spec file."),
     model: str | None = MODEL_OPT,
-    judge: str | None = typer.Option(
-        None, help="Trait judge: embedding (default, offline), local[:MODEL], openai:MODEL, anthropic:MODEL."
-    ),
-    coherence_judge: str | None = typer.Option(
-        None, "--coherence-judge", help="Coherence judge: perplexity (default, offline) or as --judge."
-    ),
+    judge: str | None = JUDGE_OPT,
+    coherence_judge: str | None = COHERENCE_JUDGE_OPT,
     author: str | None = typer.Option(
         None,
         help="With --description: who writes the artifacts (openai:M, anthropic:M; default offline).",
