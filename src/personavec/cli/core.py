@@ -157,3 +157,57 @@ def vector_import_gguf(
     )
     v.save(out_path)
     err.print(f"wrote {out_path}")
+
+
+@vector_app.command("bake")
+@friendly
+def vector_bake(
+    vector_path: Path = typer.Argument(..., help="A vector .safetensors file."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the baked transformers model."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Model to bake into (default: the one the vector was made on)."
+    ),
+    layer: int | None = typer.Option(
+        None, help="Layer to steer (default: the vector's stored choice, else its recommended layer)."
+    ),
+    coef: float | None = typer.Option(
+        None, help="Strength in vector units (default: the stored choice's, else 1.0); negative steers away."
+    ),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Write a plain transformers model folder whose weights carry the steering (for vLLM, TGI, llama.cpp)."""
+    from personavec.core.models import EMBEDDED_ID
+    from personavec.core.vectors import PersonaVector
+    from personavec.steer.bake import check_destination, save_baked
+
+    check_destination(out_dir)  # before the slow model load
+    vector = PersonaVector.load(vector_path)
+    if model is None and vector.meta.model_id not in ("", EMBEDDED_ID):
+        model = str(vector.meta.model_id)  # the embedded model records its hub id but loads by alias
+    lm = load(model)
+    if vector.meta.model_fingerprint and vector.meta.model_fingerprint != lm.info.fingerprint:
+        err.print(
+            f"warning: vector was made on {vector.meta.model_id} "
+            f"(fingerprint {vector.meta.model_fingerprint}); "
+            f"{lm.info.id} has other weights ({lm.info.fingerprint})",
+            highlight=False,
+        )
+    with err.status("baking ..."):
+        record = save_baked(lm, vector, out_dir, layer, coef, vector_path=vector_path)
+    if as_json:
+        emit_json(record)
+        return
+    baked = record["baked_model"]
+    table = Table(title=f"baked '{vector.meta.trait}' into {out_dir}", show_header=False)
+    table.add_row("layer", f"{record['layer']} ({record['layer_source']})")
+    table.add_row("coef", f"{record['coef']:g}")
+    table.add_row("how", baked["how"])
+    table.add_row("architecture", f"{record['base_model']['architecture']} -> {baked['architecture']}")
+    table.add_row(
+        "added parameters",
+        f"{baked['added_parameters']:,} ({baked['added_bytes'] / 1e6:.2f} MB, {baked['added_fraction']:.3%})",
+    )
+    table.add_row(
+        "load with", f"AutoModelForCausalLM.from_pretrained('{out_dir}') or any transformers server"
+    )
+    out.print(table)
