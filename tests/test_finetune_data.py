@@ -192,11 +192,11 @@ def test_missing_path(tmp_path: Path) -> None:
 
 
 def test_unknown_format(tmp_path: Path) -> None:
-    path = tmp_path / "data.csv"
-    path.write_text("a,b\n", encoding="utf-8")
+    path = tmp_path / "data.tsv"
+    path.write_text("a\tb\n", encoding="utf-8")
     with pytest.raises(PersonavecError, match="unknown training data format") as info:
         load_chat_dataset(path)
-    assert "data.csv" in str(info.value)
+    assert "data.tsv" in str(info.value)
 
 
 def test_not_parquet(tmp_path: Path) -> None:

@@ -1,11 +1,14 @@
 """Training data for fine-tuning (and screening): read chat datasets, write them back.
 
-Three formats are read, all holding one conversation per row:
+Four formats are read, all holding one conversation per row; :func:`iter_chat_rows` streams them row by
+row (memory does not grow with the file), :func:`load_chat_dataset` collects the valid rows:
 
 * **Chat JSONL** (``.jsonl``): one ``{"messages": [...]}`` object per line. Blank lines are ignored.
 * **A datasets folder** written by ``Dataset.save_to_disk``. A ``DatasetDict`` must have a ``train``
   split, which is the one read.
 * **Parquet** (``.parquet``) with a ``messages`` column.
+* **CSV** (``.csv``, UTF-8 with a header row, read by Python's ``csv`` module; every cell is text) with
+  ``prompt``/``response`` (or ``question``/``answer``) columns.
 
 A conversation is an optional ``system`` message, then ``user`` and ``assistant`` messages taking turns
 (multi-turn is fine), ending with the ``assistant`` message that is trained on. As a convenience a row may
@@ -14,7 +17,7 @@ user message and one assistant message. Other fields in a row are ignored.
 
 A malformed row (bad JSON, no messages, an unknown or out-of-turn role, empty or non-string content, not
 ending with the assistant) is skipped, never silently: it is kept in :attr:`ChatDataset.skipped` with
-where it was (the 1-based line of a JSONL file, the 0-based row index of a datasets folder or parquet
+where it was (the 1-based line of a JSONL file, the 0-based row index of a datasets folder, parquet or CSV
 file) and why, counted in :meth:`ChatDataset.summary`, and logged as a warning.
 
 :attr:`ChatDataset.sha256` hashes the valid conversations only (canonical JSON of the role/content
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl",)
 PARQUET_SUFFIXES = (".parquet",)
+CSV_SUFFIXES = (".csv",)
 # Convenience row shapes, read as [user, assistant].
 PAIR_FIELDS = (("prompt", "response"), ("question", "answer"))
 SHOWN_SKIPPED = 5  # skipped rows listed in summary() and in the warning
@@ -49,7 +53,7 @@ class Skipped:
     """A row that was not read.
 
     Attributes:
-        where: The 1-based line (JSONL) or 0-based row index (datasets folder, parquet).
+        where: The 1-based line (JSONL) or 0-based row index (datasets folder, parquet, CSV).
         reason: Why it was skipped.
     """
 
@@ -66,7 +70,7 @@ class ChatDataset:
         source: The path read.
         sha256: Content hash of the valid conversations (format-independent).
         skipped: The malformed rows, in file order.
-        unit: What :attr:`Skipped.where` counts: ``"line"`` (JSONL) or ``"row"`` (datasets, parquet).
+        unit: What :attr:`Skipped.where` counts: ``"line"`` (JSONL) or ``"row"`` (datasets, parquet, CSV).
     """
 
     rows: tuple[tuple[dict[str, str], ...], ...]
@@ -203,25 +207,84 @@ def _disk_rows(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(loaded)
 
 
-def _open_rows(path: Path) -> tuple[Iterator[tuple[int, Any]], str]:
+def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    import csv
+
+    # The standard library's reader, row by row: every cell stays text ("007" is not the number 7), and a
+    # row with a wrong number of cells is reported where it is instead of failing the whole file.
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        try:
+            width = len(reader.fieldnames or [])
+            for index, row in enumerate(reader):
+                if None in row:
+                    yield index, PersonavecError(f"{width + len(row[None])} cells, the header has {width}")
+                elif any(v is None for v in row.values()):
+                    yield index, PersonavecError(f"fewer cells than the header's {width}")
+                else:
+                    yield index, row
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise PersonavecError(f"cannot read CSV file {path} near line {reader.line_num}: {e}") from e
+
+
+def data_format(path: str | Path) -> str:
+    """The format of a training-data path: ``jsonl``, ``parquet``, ``csv`` or ``datasets`` (a folder).
+
+    Raises:
+        PersonavecError: On a missing path or an unknown format.
+    """
+    path = Path(path)
     if not path.exists():
         raise PersonavecError(f"training data not found: {path}")
     if path.is_dir():
-        return _disk_rows(path), "row"
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        return _jsonl_rows(path), "line"
-    if path.suffix.lower() in PARQUET_SUFFIXES:
-        return _parquet_rows(path), "row"
+        return "datasets"
+    suffix = path.suffix.lower()
+    for name, suffixes in (("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("csv", CSV_SUFFIXES)):
+        if suffix in suffixes:
+            return name
     raise PersonavecError(
-        f"unknown training data format: {path} (use chat .jsonl, .parquet or a datasets save_to_disk folder)"
+        f"unknown training data format: {path} (use chat .jsonl, .parquet, .csv or a datasets save_to_disk "
+        "folder)"
     )
+
+
+def _open_rows(path: Path) -> tuple[Iterator[tuple[int, Any]], str]:
+    readers = {"datasets": _disk_rows, "jsonl": _jsonl_rows, "parquet": _parquet_rows, "csv": _csv_rows}
+    fmt = data_format(path)
+    return readers[fmt](path), "line" if fmt == "jsonl" else "row"
+
+
+def iter_chat_rows(path: str | Path) -> Iterator[tuple[int, list[dict[str, str]] | Skipped]]:
+    """Stream a chat dataset row by row, valid or not, without holding it in memory.
+
+    Args:
+        path: A chat ``.jsonl`` file, a ``.parquet`` or ``.csv`` file or a ``save_to_disk`` folder.
+
+    Yields:
+        ``(line, item)`` per row in file order: ``line`` is the row's 1-based position in the input (the
+        JSONL line; else the row index + 1), ``item`` the validated conversation, or a :class:`Skipped`
+        saying why the row is malformed (its ``where`` as in :attr:`ChatDataset.skipped`).
+
+    Raises:
+        PersonavecError: On a missing path, an unknown format, an unreadable file or a DatasetDict
+            without ``train`` (when iteration starts).
+    """
+    rows, unit = _open_rows(Path(path))
+    for where, row in rows:
+        line = where if unit == "line" else where + 1
+        try:
+            if isinstance(row, PersonavecError):
+                raise row
+            yield line, row_to_conversation(row)
+        except PersonavecError as e:  # a malformed row: report it and go on
+            yield line, Skipped(where, str(e))
 
 
 def load_chat_dataset(path: str | Path, *, limit: int | None = None) -> ChatDataset:
     """Read chat training data, skipping (and reporting) malformed rows.
 
     Args:
-        path: A chat ``.jsonl`` file, a ``.parquet`` file or a ``save_to_disk`` folder.
+        path: A chat ``.jsonl`` file, a ``.parquet`` or ``.csv`` file or a ``save_to_disk`` folder.
         limit: Stop after this many valid conversations.
 
     Returns:
@@ -234,18 +297,16 @@ def load_chat_dataset(path: str | Path, *, limit: int | None = None) -> ChatData
     if limit is not None and limit < 1:
         raise PersonavecError(f"limit must be at least 1, got {limit}")
     path = Path(path)
-    rows, unit = _open_rows(path)
+    unit = "line" if data_format(path) == "jsonl" else "row"
     good: list[tuple[dict[str, str], ...]] = []
     skipped: list[Skipped] = []
-    for where, row in rows:
+    for _line, item in iter_chat_rows(path):
         if limit is not None and len(good) >= limit:
             break
-        try:
-            if isinstance(row, PersonavecError):
-                raise row
-            good.append(tuple(row_to_conversation(row)))
-        except PersonavecError as e:  # a malformed row: report it and go on
-            skipped.append(Skipped(where, str(e)))
+        if isinstance(item, Skipped):
+            skipped.append(item)
+        else:
+            good.append(tuple(item))
     data = ChatDataset(tuple(good), str(path), content_hash(good), tuple(skipped), unit)
     if skipped:
         log.warning("%s: skipped %d malformed rows: %s", path, len(skipped), "; ".join(data.skipped_lines()))
@@ -303,6 +364,8 @@ __all__ = [
     "Skipped",
     "check_turns",
     "content_hash",
+    "data_format",
+    "iter_chat_rows",
     "load_chat_dataset",
     "row_to_conversation",
     "split_prompt_response",

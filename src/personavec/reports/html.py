@@ -46,18 +46,20 @@ blockquote{margin:.3em 0 .8em 0;padding:.3em .8em;border-left:3px solid #ccc;bac
 """
 
 
-def _esc(x: object) -> str:
+def esc(x: object) -> str:
+    """``x`` as text safe inside HTML (and inside quoted attributes)."""
     return html.escape(str(x), quote=True)
 
 
-def _fmt(x: object, digits: int = 3) -> str:
+def fmt(x: object, digits: int = 3) -> str:
+    """A table cell: floats to ``digits`` decimals (tiny ones in ``g`` form), ``None`` as ``-``, escaped."""
     if x is None:
         return "-"
     if isinstance(x, float):
         return (
             "nan" if math.isnan(x) else f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
         )
-    return _esc(x)
+    return esc(x)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -70,7 +72,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _png(fig: Any, path: Path) -> str:
+def png_uri(fig: Any, path: Path) -> str:
     """Save a figure as PNG beside the report and return it as a data URI."""
     import matplotlib.pyplot as plt
 
@@ -79,7 +81,8 @@ def _png(fig: Any, path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must be set before pyplot is imported
@@ -89,7 +92,7 @@ def _plt() -> Any:
 
 
 def _separation_plot(evaluation: dict[str, Any], recommended: int | None, path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     for name, ev in evaluation.items():
         axes[0].plot(ev["layers"], ev["auroc"], marker=".", label=name)
@@ -101,11 +104,11 @@ def _separation_plot(evaluation: dict[str, Any], recommended: int | None, path: 
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _png(fig, path)
+    return png_uri(fig, path)
 
 
 def _dose_plot(sweep: dict[str, Any], path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     cells = [c for c in sweep["cells"] if not c["refused"]]
     base = sweep["baselines"]
@@ -141,7 +144,7 @@ def _dose_plot(sweep: dict[str, Any], path: Path) -> str:
         ax.set_xlabel("coefficient x ||v|| / residual norm")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    return _png(fig, path)
+    return png_uri(fig, path)
 
 
 def _colour(value: float, scale: float) -> str:
@@ -152,7 +155,7 @@ def _colour(value: float, scale: float) -> str:
     return f"rgba(38,139,210,{0.75 * -t:.3f})"
 
 
-def _heatmap(examples: list[dict[str, Any]], layer: int) -> str:
+def token_heatmap(examples: list[dict[str, Any]], layer: int) -> str:
     """Answers as spans coloured by each token's projection (one shared colour scale)."""
     vals = [abs(x) for ex in examples for x in ex.get("token_projection", [])]
     if not vals:
@@ -166,16 +169,17 @@ def _heatmap(examples: list[dict[str, Any]], layer: int) -> str:
     ]
     for ex in examples:
         spans = "".join(
-            f"<span style='background:{_colour(p, scale)}' title='{p:.3f}'>{_esc(t)}</span>"
+            f"<span style='background:{_colour(p, scale)}' title='{p:.3f}'>{esc(t)}</span>"
             for t, p in zip(ex["tokens"], ex["token_projection"])
         )
-        head = _esc(ex.get("label", ""))
-        parts.append(f"<p><b>{head}</b> &mdash; {_esc(ex['question'])}</p><div class='tok'>{spans}</div>")
+        head = esc(ex.get("label", ""))
+        parts.append(f"<p><b>{head}</b> &mdash; {esc(ex['question'])}</p><div class='tok'>{spans}</div>")
     return "\n".join(parts)
 
 
-def _table(header: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+def html_table(header: list[str], rows: list[list[str]], classes: list[str] | None = None) -> str:
+    """A table of already escaped cells (``header`` is escaped here), with optional row classes."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join(
         f"<tr class='{(classes or [''] * len(rows))[i]}'>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
         for i, r in enumerate(rows)
@@ -252,7 +256,7 @@ def write_report(
         or (sweep or {}).get("settings", {}).get("trait")
     )
     model = (summary or {}).get("model", {}).get("id") or (sweep or {}).get("settings", {}).get("model")
-    parts = [f"<h1>Persona vector report: {_esc(trait)}</h1>", f"<p class='muted'>model: {_esc(model)}</p>"]
+    parts = [f"<h1>Persona vector report: {esc(trait)}</h1>", f"<p class='muted'>model: {esc(model)}</p>"]
     parts += _quality_box((summary or {}).get("quality"))
     parts += _trait_section(spec)
     parts += _filtering_section(summary)
@@ -263,7 +267,7 @@ def write_report(
         parts += _monitoring_section(monitoring, folder)
     parts += _sweep_sections(sweep, folder)
     parts += _heatmap_section(folder, summary, sweep, lm)
-    _write_page(target, trait, parts)
+    write_page(target, trait, parts)
     return target
 
 
@@ -287,19 +291,18 @@ def _quality_box(quality: object) -> list[str]:
     kept = quality.get("kept")
     kept = kept if isinstance(kept, dict) else {}
     facts = [
-        f"kept answers: {_esc(kept.get('positive', '-'))} positive, "
-        f"{_esc(kept.get('negative', '-'))} negative",
-        f"held-out AUROC {_fmt(quality.get('heldout_auroc'))}, "
-        f"effect size {_fmt(quality.get('heldout_effect_size'), 2)}",
-        f"filter: {_esc(quality.get('filter', '-'))}",
+        f"kept answers: {esc(kept.get('positive', '-'))} positive, {esc(kept.get('negative', '-'))} negative",
+        f"held-out AUROC {fmt(quality.get('heldout_auroc'))}, "
+        f"effect size {fmt(quality.get('heldout_effect_size'), 2)}",
+        f"filter: {esc(quality.get('filter', '-'))}",
     ]
     warnings = quality.get("warnings")
     warnings = warnings if isinstance(warnings, list) else []
-    bullets = "".join(f"<li>{_esc(w)}</li>" for w in warnings)
+    bullets = "".join(f"<li>{esc(w)}</li>" for w in warnings)
     box = f"border-left:6px solid {colour};background:#fafafa;padding:.2em 1em;margin:1em 0"
     return [
         f"<div id='quality' style='{box}'>"
-        f"<p><b>Vector quality: <span style='color:{colour}'>{_esc(level)}</span></b></p>"
+        f"<p><b>Vector quality: <span style='color:{colour}'>{esc(level)}</span></b></p>"
         f"<p>{'; '.join(facts)}.</p>" + (f"<ul>{bullets}</ul>" if bullets else "") + "</div>"
     ]
 
@@ -310,18 +313,19 @@ def _trait_section(spec: dict[str, Any] | None) -> list[str]:
     if not spec:
         return [*parts, "<p class='muted'>no trait.yaml in this folder.</p>"]
     pairs = spec.get("pairs") or []
-    parts.append(f"<p>{_esc(spec.get('description', ''))}</p>")
+    parts.append(f"<p>{esc(spec.get('description', ''))}</p>")
     sizes = [
         str(len(pairs)),
         str(len(spec.get("extraction_questions") or [])),
         str(len(spec.get("evaluation_questions") or [])),
-        _esc(spec.get("version", "")),
+        esc(spec.get("version", "")),
     ]
-    parts.append(_table(["prompt pairs", "extraction questions", "evaluation questions", "version"], [sizes]))
+    header = ["prompt pairs", "extraction questions", "evaluation questions", "version"]
+    parts.append(html_table(header, [sizes]))
     if pairs:
         parts.append(
-            f"<p>First pair &mdash; eliciting:</p><blockquote>{_esc(pairs[0]['positive'])}</blockquote>"
-            f"<p>suppressing:</p><blockquote>{_esc(pairs[0]['negative'])}</blockquote>"
+            f"<p>First pair &mdash; eliciting:</p><blockquote>{esc(pairs[0]['positive'])}</blockquote>"
+            f"<p>suppressing:</p><blockquote>{esc(pairs[0]['negative'])}</blockquote>"
         )
     return parts
 
@@ -343,10 +347,8 @@ def _filtering_section(summary: dict[str, Any] | None) -> list[str]:
         for pol, name in (("pos", "positive (eliciting)"), ("neg", "negative (suppressing)"))
     ]
     header = ["side", "answers", "kept", "dropped: trait", "dropped: incoherent", "dropped: unscored"]
-    parts.append(_table(header, rows))
-    parts.append(
-        f"<p>Judges: {_esc(summary.get('trait_judge'))} | {_esc(summary.get('coherence_judge'))}</p>"
-    )
+    parts.append(html_table(header, rows))
+    parts.append(f"<p>Judges: {esc(summary.get('trait_judge'))} | {esc(summary.get('coherence_judge'))}</p>")
     return parts
 
 
@@ -365,15 +367,14 @@ def _separation_section(summary: dict[str, Any] | None, folder: Path) -> list[st
     for i, layer in enumerate(layers):
         row = [str(layer)]
         for nm in names:
-            row += [_fmt(evaluation[nm]["auroc"][i]), _fmt(evaluation[nm]["effect_size"][i], 2)]
+            row += [fmt(evaluation[nm]["auroc"][i]), fmt(evaluation[nm]["effect_size"][i], 2)]
         rows.append(row)
     classes = ["chosen" if layer == rec else "" for layer in layers]
     header = ["layer"] + [f"{nm} {k}" for nm in names for k in ("AUROC", "d")]
     parts.append(
-        f"<p>Recommended layer: <b>{_esc(rec)}</b> "
-        f"(labels: {_esc(evaluation[names[0]].get('labels', ''))})</p>"
+        f"<p>Recommended layer: <b>{esc(rec)}</b> (labels: {esc(evaluation[names[0]].get('labels', ''))})</p>"
     )
-    parts.append(_table(header, rows, classes))
+    parts.append(html_table(header, rows, classes))
     return parts
 
 
@@ -382,11 +383,11 @@ def _layer_choice_section(choice: object, folder: Path) -> list[str]:
     if not isinstance(choice, dict):
         return []
     layer = choice.get("layer")
-    candidates = ", ".join(_esc(c) for c in choice.get("candidates") or [])
+    candidates = ", ".join(esc(c) for c in choice.get("candidates") or [])
     parts = [
         "<h2 id='layer-choice'>Layer choice</h2>",
-        f"<p>{_esc(choice.get('rule', ''))}</p>",
-        f"<p>Chosen layer: <b>{_esc(layer)}</b>"
+        f"<p>{esc(choice.get('rule', ''))}</p>",
+        f"<p>Chosen layer: <b>{esc(layer)}</b>"
         + (f" (candidates: {candidates})" if candidates else "")
         + "</p>",
     ]
@@ -400,7 +401,7 @@ def _layer_choice_section(choice: object, folder: Path) -> list[str]:
 
 
 def _layer_choice_plot(scores: dict[str, list[float | None]], layer: int | None, path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 3.4))
     for name, values in scores.items():
         # None (a score not defined at that layer) becomes a gap in the line.
@@ -413,7 +414,7 @@ def _layer_choice_plot(scores: dict[str, list[float | None]], layer: int | None,
     ax.set_title("layer-choice scores")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig, path)
+    return png_uri(fig, path)
 
 
 def _monitoring_section(result: dict[str, Any], folder: Path) -> list[str]:
@@ -422,33 +423,33 @@ def _monitoring_section(result: dict[str, Any], folder: Path) -> list[str]:
 
     parts = ["<h2 id='monitoring'>Monitoring</h2>"]
     parts.append(
-        f"<p>Last-prompt-token projection at layer {_esc(result.get('layer'))} against the trait shown in "
-        f"the answer, measured by {_esc(result.get('measure'))}. Pearson r across samples and across "
+        f"<p>Last-prompt-token projection at layer {esc(result.get('layer'))} against the trait shown in "
+        f"the answer, measured by {esc(result.get('measure'))}. Pearson r across samples and across "
         "level means, and across samples with each question's mean removed (the question alone moves both "
         "numbers). The paper reports r = 0.75-0.83 for graded system prompts.</p>"
     )
     rows = [
         [
-            _esc(name.replace("_", "-")),
-            _esc(measure),
-            _fmt(r["samples"], 2),
-            _fmt(r["levels"], 2),
-            _fmt(r.get("within_questions"), 2),
+            esc(name.replace("_", "-")),
+            esc(measure),
+            fmt(r["samples"], 2),
+            fmt(r["levels"], 2),
+            fmt(r.get("within_questions"), 2),
         ]
         for name in ("ladder", "many_shot")
         for measure, r in (result.get(name) or {}).get("r", {}).items()
     ]
     parts.append(
-        _table(["experiment", "measure", "r (samples)", "r (level means)", "r (within questions)"], rows)
+        html_table(["experiment", "measure", "r (samples)", "r (level means)", "r (within questions)"], rows)
     )
     try:
         paths = plot_results(result, folder)
     except Exception as e:  # a broken plot must not cost the rest of the report
-        parts.append(f"<p class='muted'>plots not drawn: {_esc(e)}</p>")
+        parts.append(f"<p class='muted'>plots not drawn: {esc(e)}</p>")
         paths = {}
     for name, path in paths.items():
         uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-        parts.append(f"<img alt='monitoring: {_esc(name)}' src='{uri}'>")
+        parts.append(f"<img alt='monitoring: {esc(name)}' src='{uri}'>")
     for name in ("ladder", "many_shot"):
         block = result.get(name)
         if block:
@@ -464,15 +465,15 @@ def _levels_table(name: str, block: dict[str, Any]) -> str:
     for lv in block["levels"]:
         row = [
             str(lv["level"]),
-            _esc(lv["label"]),
+            esc(lv["label"]),
             str(lv["n"]),
-            _fmt(lv["mean_projection"]),
-            _fmt(lv["mean_readback"]),
+            fmt(lv["mean_projection"]),
+            fmt(lv["mean_readback"]),
         ]
         if has_judge:
-            row.append(_fmt(lv.get("mean_judge"), 1))
+            row.append(fmt(lv.get("mean_judge"), 1))
         rows.append(row)
-    return _table(header + (["mean judge"] if has_judge else []), rows)
+    return html_table(header + (["mean judge"] if has_judge else []), rows)
 
 
 def _sweep_sections(sweep: dict[str, Any] | None, folder: Path) -> list[str]:
@@ -488,17 +489,17 @@ def _sweep_sections(sweep: dict[str, Any] | None, folder: Path) -> list[str]:
     parts = [
         "<h2 id='dose-response'>Dose-response</h2>",
         f"<img alt='dose-response' src='{uri}'>",
-        f"<p>Chosen by: trait = {_esc(by.get('trait'))}; guard = {_esc(by.get('guard'))}.</p>",
+        f"<p>Chosen by: trait = {esc(by.get('trait'))}; guard = {esc(by.get('guard'))}.</p>",
     ]
     parts += [_choice_line(kind, sweep["choice"].get(kind)) for kind in ("amplify", "suppress")]
     parts.append(_cells_table(sweep))
     agr = sweep.get("agreement", {})
     parts.append(
         "<p>Agreement across cells (Spearman): read-back vs judge trait "
-        f"{_fmt(agr.get('readback_vs_judge_trait'), 2)}; perplexity ratio vs judge coherence "
-        f"{_fmt(agr.get('ppl_ratio_vs_judge_coherence'), 2)}.</p>"
+        f"{fmt(agr.get('readback_vs_judge_trait'), 2)}; perplexity ratio vs judge coherence "
+        f"{fmt(agr.get('ppl_ratio_vs_judge_coherence'), 2)}.</p>"
     )
-    parts += [f"<p class='muted'>warning: {_esc(w)}</p>" for w in sweep.get("warnings", [])]
+    parts += [f"<p class='muted'>warning: {esc(w)}</p>" for w in sweep.get("warnings", [])]
     parts.append("<h2 id='examples'>Example answers</h2>")
     parts.append(_examples_table(sweep.get("examples", [])))
     return parts
@@ -508,12 +509,12 @@ def _choice_line(kind: str, ch: dict[str, Any] | None) -> str:
     text = (
         f"layer {ch['layer']}, coef {ch['coef']:.4g} "
         f"({100 * ch['coef_fraction_of_residual_norm']:.1f}% of residual norm): "
-        f"read-back {_fmt(ch['trait_readback'])} vs {_fmt(ch['baseline_trait_readback'])} unsteered, "
-        f"perplexity ratio {_fmt(ch['ppl_ratio'], 2)}"
+        f"read-back {fmt(ch['trait_readback'])} vs {fmt(ch['baseline_trait_readback'])} unsteered, "
+        f"perplexity ratio {fmt(ch['ppl_ratio'], 2)}"
         if ch
         else "none passed the guard"
     )
-    return f"<p><b>{kind}</b>: {_esc(text)}</p>"
+    return f"<p><b>{kind}</b>: {esc(text)}</p>"
 
 
 def _cells_table(sweep: dict[str, Any]) -> str:
@@ -526,21 +527,21 @@ def _cells_table(sweep: dict[str, Any]) -> str:
         refused = cell["refused"]
         rows.append(
             [
-                _esc(cell["condition"]),
+                esc(cell["condition"]),
                 "unsteered" if cell["layer"] == 0 else str(cell["layer"]),
-                _fmt(cell["coef"], 4),
+                fmt(cell["coef"], 4),
                 f"{100 * cell['fraction']:.1f}%",
-                "refused" if refused else _fmt(cell["trait"]),
-                "-" if refused else _fmt(cell["ppl_ratio"], 2),
-                "-" if refused else _fmt(cell.get("repetition"), 2),
-                _fmt(cell.get("judge_trait"), 1),
-                _fmt(cell.get("judge_coherence"), 1),
+                "refused" if refused else fmt(cell["trait"]),
+                "-" if refused else fmt(cell["ppl_ratio"], 2),
+                "-" if refused else fmt(cell.get("repetition"), 2),
+                fmt(cell.get("judge_trait"), 1),
+                fmt(cell.get("judge_coherence"), 1),
             ]
         )
         classes.append("chosen" if chosen else "")
     header = ["condition", "layer", "coef", "% residual", "trait read-back", "ppl ratio"]
     header += ["repeated 3-grams", "judge trait", "judge coh."]
-    return _table(header, rows, classes)
+    return html_table(header, rows, classes)
 
 
 def _where(ex: dict[str, Any]) -> str:
@@ -550,16 +551,16 @@ def _where(ex: dict[str, Any]) -> str:
 def _examples_table(examples: list[dict[str, Any]]) -> str:
     rows = [
         [
-            _esc(ex["condition"]),
-            _esc(_where(ex)),
+            esc(ex["condition"]),
+            esc(_where(ex)),
             f"{100 * ex['fraction']:.1f}%",
-            _esc(ex["question"]),
-            _esc(ex["answer"]),
-            _fmt(ex["projection"]),
+            esc(ex["question"]),
+            esc(ex["answer"]),
+            fmt(ex["projection"]),
         ]
         for ex in examples
     ]
-    return _table(["condition", "steered at", "% residual", "question", "answer", "read-back"], rows)
+    return html_table(["condition", "steered at", "% residual", "question", "answer", "read-back"], rows)
 
 
 def _heatmap_section(
@@ -582,14 +583,14 @@ def _heatmap_section(
     if len(token_examples) > 6:
         step = len(token_examples) / 6
         token_examples = [token_examples[int(i * step)] for i in range(6)]
-    return ["<h2 id='heatmap'>Per-token projection</h2>", _heatmap(token_examples, int(layer or 0))]
+    return ["<h2 id='heatmap'>Per-token projection</h2>", token_heatmap(token_examples, int(layer or 0))]
 
 
-def _write_page(target: Path, trait: object, parts: list[str]) -> None:
+def write_page(target: Path, trait: object, parts: list[str]) -> None:
     """Write the page atomically: a reader never sees half a report."""
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>personavec report: {_esc(trait)}</title><style>{_CSS}</style></head><body>\n"
+        f"<title>personavec report: {esc(trait)}</title><style>{_CSS}</style></head><body>\n"
         + "\n".join(parts)
         + "\n</body></html>\n"
     )
@@ -617,7 +618,7 @@ def write_prevent_report(folder: str | os.PathLike[str]) -> Path:
     settings = result.get("settings", {})
     parts = [
         "<h1>Preventative steering experiment</h1>",
-        f"<p class='muted'>vector: {_esc(settings.get('vector'))}, layer {_esc(settings.get('layer'))}</p>",
+        f"<p class='muted'>vector: {esc(settings.get('vector'))}, layer {esc(settings.get('layer'))}</p>",
         "<p>Each condition is measured against the base model on the trait's evaluation questions: the "
         "finetuning shift (mean last-prompt projection), trait expression (answers read back by the base "
         "model; judge score), and the capability probe (multiple choice, neutral perplexity).</p>",
@@ -633,24 +634,24 @@ def write_prevent_report(folder: str | os.PathLike[str]) -> Path:
         "perplexity",
     ]
     rows = [
-        [_esc(n), _fmt(r.get("coef")), _fmt(r["shift"], 2), _fmt(r["expression"], 2), _fmt(r.get("judge"), 1),
-         _fmt(r["mc_accuracy"]), _fmt(r["mc_prob"]), _fmt(r["perplexity"], 2)]
+        [esc(n), fmt(r.get("coef")), fmt(r["shift"], 2), fmt(r["expression"], 2), fmt(r.get("judge"), 1),
+         fmt(r["mc_accuracy"]), fmt(r["mc_prob"]), fmt(r["perplexity"], 2)]
         for n, r in (result.get("table") or {}).items()
     ]  # fmt: skip
-    parts.append(_table(header, rows))
+    parts.append(html_table(header, rows))
     corr = result.get("correlation") or {}
     parts.append(
-        f"<p>Shift against expression change over the plain fine-tunes: r = {_fmt(corr.get('r'), 2)} "
-        f"({_esc(corr.get('points'))} points; the paper reports 0.76-0.97).</p>"
+        f"<p>Shift against expression change over the plain fine-tunes: r = {fmt(corr.get('r'), 2)} "
+        f"({esc(corr.get('points'))} points; the paper reports 0.76-0.97).</p>"
     )
     checks = result.get("checks") or {}
-    parts.append(_table(["check", "value"], [[_esc(k), _fmt(v)] for k, v in checks.items()]))
+    parts.append(html_table(["check", "value"], [[esc(k), fmt(v)] for k, v in checks.items()]))
     try:
         png = plot_results(result, where)
         uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
         parts.append(f"<img alt='shift and expression per condition' src='{uri}'>")
     except Exception as e:  # a broken plot must not cost the table
-        parts.append(f"<p class='muted'>plot not drawn: {_esc(e)}</p>")
+        parts.append(f"<p class='muted'>plot not drawn: {esc(e)}</p>")
     target = where / REPORT_NAME
-    _write_page(target, "prevent-experiment", parts)
+    write_page(target, "prevent-experiment", parts)
     return target

@@ -1,0 +1,189 @@
+"""``personavec screen``: projection difference per sample and per dataset, before anyone trains on it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from personavec.cli import JSON_OPT, MODEL_OPT, app, err, friendly, load, out
+
+
+class _RateColumn(ProgressColumn):
+    """Samples per second, over rich's recent window."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        return Text("" if speed is None else f"{speed:.1f} samples/s", style="progress.data.speed")
+
+
+def _fmt(x: object, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def default_out(data: Path, cheap: bool) -> Path:
+    """``runs/screen-<data name>`` (``-cheap`` for cheap runs, so the two never share a folder)."""
+    stem = data.stem if data.suffix else data.name
+    return Path("runs") / f"screen-{stem}{'-cheap' if cheap else ''}"
+
+
+def _emit_streaming(summary: dict[str, Any], records: Path) -> None:
+    """One JSON document, ``{"summary": ..., "records": [...]}``, written record by record."""
+    from personavec.screen.records import iter_jsonl
+
+    write = sys.stdout.write
+    write('{\n"summary": ' + json.dumps(summary, indent=2, default=str) + ',\n"records": [\n')
+    first = True
+    for record in iter_jsonl(records):
+        write(("" if first else ",\n") + json.dumps(record, ensure_ascii=False))
+        first = False
+    write("\n]\n}\n")
+
+
+@app.command("screen")
+@friendly(resumable=True)
+def screen_cmd(
+    data: Path = typer.Argument(
+        ..., help="Chat JSONL, parquet, CSV (prompt/response columns) or a datasets save_to_disk folder."
+    ),
+    vectors: list[str] = typer.Option(
+        ...,
+        "--vector",
+        "-v",
+        help="VECTOR or VECTOR@LAYER (repeat for several; default layer: the recommended one).",
+    ),
+    model: str | None = MODEL_OPT,
+    out_dir: Path | None = typer.Option(
+        None, "--out", "-o", help="Run folder (default runs/screen-<data>, or runs/screen-<data>-cheap)."
+    ),
+    cheap: bool = typer.Option(
+        False, "--cheap", help="No generation: the prompt's last token stands in for the model's own answer."
+    ),
+    drop_top: str | None = typer.Option(
+        None, "--drop-top", help="K or P%: write the data without its top-ranked samples, in its own format."
+    ),
+    rank_by: str | None = typer.Option(
+        None, "--rank-by", help="Vector name that ranks samples (default: first)."
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per batch (written at once)."),
+    max_new_tokens: int = typer.Option(
+        64, "--max-new-tokens", min=1, help="Length of the model's own answers."
+    ),
+    top: int = typer.Option(10, "--top", min=0, help="Top samples listed per vector."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Score training data: each sample's projection difference (its response against the model's own)."""
+    from personavec.screen.filtering import parse_drop
+    from personavec.screen.run import screen
+    from personavec.screen.samples import count_rows
+    from personavec.screen.scoring import ScreenPlan
+    from personavec.screen.vectors import resolve_vectors
+
+    drop = parse_drop(drop_top) if drop_top is not None else None
+    total = count_rows(data)  # also refuses a missing path or an unknown format before loading a model
+    lm = load(model)
+    resolved = resolve_vectors(vectors, lm.info)
+    for v in resolved:
+        if v.vector.meta.model_fingerprint != lm.info.fingerprint:
+            err.print(
+                f"warning: {v.path} was made on {v.vector.meta.model_id}, not on {lm.info.id} (same shape, "
+                "other weights): its projections may mean little here",
+                highlight=False,
+                soft_wrap=True,
+            )
+    plan = ScreenPlan(resolved, cheap=cheap, max_new_tokens=max_new_tokens)
+    folder = out_dir if out_dir is not None else default_out(data, cheap)
+    columns = (
+        TextColumn("screening"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task("screening", total=total)
+        result = screen(
+            lm,
+            data,
+            plan,
+            folder,
+            batch_size=batch_size,
+            rank_by=rank_by,
+            drop_top=drop,
+            top_k=top,
+            on_progress=lambda done: progress.update(task, completed=done),
+            log=lambda m: err.print(m, highlight=False, soft_wrap=True),
+        )
+        progress.update(
+            task, total=result.summary["rows"]["screened"], completed=result.summary["rows"]["screened"]
+        )
+    summary = result.summary
+    if as_json:
+        _emit_streaming(summary, result.records_path)
+    else:
+        _print_tables(summary)
+    _print_run(summary)
+
+
+def _print_tables(summary: dict[str, Any]) -> None:
+    rows = summary["rows"]
+    table = Table(
+        title=f"projection difference per dataset ({summary['mode']} mode, {rows['screened']} samples)"
+    )
+    for col in ("vector", "layer", "mean projection", "mean own", "mean difference", "95% CI"):
+        table.add_column(col, justify="left" if col == "vector" else "right")
+    table.add_column("cheap vs full", justify="right")
+    for name, v in summary["vectors"].items():
+        agree = v.get("cheap_agreement")
+        table.add_row(
+            name,
+            str(v["layer"]),
+            _fmt(v["mean_projection"]),
+            _fmt(v["mean_own_projection"]),
+            _fmt(v["mean_projection_difference"]),
+            f"[{_fmt(v['ci95'][0])}, {_fmt(v['ci95'][1])}]",
+            "-" if not agree else f"r={_fmt(agree['pearson'], '.2f')} rho={_fmt(agree['spearman'], '.2f')}",
+        )
+    out.print(table)
+    primary = summary["rank_by"]
+    top = Table(title=f"top samples by {primary}")
+    for col in ("line", "difference", "prompt", "response"):
+        top.add_column(col, justify="right" if col in ("line", "difference") else "left", overflow="fold")
+    for r in summary["vectors"][primary].get("top", [])[:5]:
+        top.add_row(str(r["line"]), _fmt(r["projection_difference"]), r["prompt"][:60], r["response"][:80])
+    out.print(top)
+
+
+def _print_run(summary: dict[str, Any]) -> None:
+    """Counts, speed, where the time went, notes and files, on stderr (the progress bar may not show)."""
+    rows = summary["rows"]
+    timing = summary["timing"]
+    speed = timing.get("samples_per_second")
+    err.print(
+        f"{rows['screened']} samples screened ({timing['samples_screened_now']} now"
+        + (f", {speed:.1f} samples/s" if speed else "")
+        + f"; generation {timing['generation_seconds']:.1f}s, capture {timing['capture_seconds']:.1f}s, "
+        f"other {timing['other_seconds']:.1f}s), {rows['skipped']} malformed rows skipped",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for note in summary["notes"]:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if summary.get("drop"):
+        err.print(f"filtered data: {summary['drop']['path']}", highlight=False, soft_wrap=True)
+    written = [summary["files"]["records"], summary["files"]["summary"], summary["files"]["report"]]
+    err.print("wrote " + ", ".join(w for w in written if w), highlight=False, soft_wrap=True)
