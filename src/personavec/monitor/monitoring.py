@@ -268,10 +268,19 @@ def calibrate(
     return vector.with_meta(extra={**vector.meta.extra, "calibration": calibration})
 
 
-def _calibration_for(
+def calibration_for(
     vector: PersonaVector, layer: int, fingerprint: str
 ) -> tuple[Mapping[str, Any] | None, str | None]:
-    """The layer's reference entry, or ``None`` and a note saying why there is none."""
+    """One layer's calibration entry (for :func:`score`), or ``None`` and a note saying why there is none.
+
+    Args:
+        vector: The persona vector.
+        layer: The layer index read.
+        fingerprint: The fingerprint of the model read on (a calibration holds for one model only).
+
+    Returns:
+        ``(entry, None)``, or ``(None, note)`` where the note says how to add the missing calibration.
+    """
     how = "run 'personavec calibrate VECTOR' to add it"
     cal = vector.meta.extra.get("calibration")
     if not isinstance(cal, Mapping):
@@ -571,7 +580,7 @@ def monitor(
         column.append(per_layer.get(layer, 0))
         per_layer[layer] = column[-1] + 1
 
-    notes = {(vi, layer): _calibration_for(v, layer, lm.info.fingerprint) for vi, v, layer in plan}
+    notes = {(vi, layer): calibration_for(v, layer, lm.info.fingerprint) for vi, v, layer in plan}
     records: list[MonitorRecord] = []
     if generate:
         traces = _generate_traced(lm, messages, units, params or SamplingParams(), batch_size)
