@@ -283,3 +283,43 @@ def test_registry_names_and_steering_errors() -> None:
             registry.resolve([SteeringEntry.model_validate(entry)])
     (plan,) = registry.resolve([SteeringEntry(vector="evil", strength=0.25, layer=1)])
     assert plan.fraction == pytest.approx(0.25) and plan.positions == "all" and plan.when is None
+
+
+def test_without_merging_new_requests_wait_for_the_batch_to_empty() -> None:
+    # What the engine does with caches it cannot merge (sliding windows): the same answers, no joins.
+    lm = tiny("llama")
+    registry = VectorRegistry(lm)
+    jobs = [Job(prompt_ids(lm, p), max_tokens=6 + 3 * i) for i, p in enumerate(PROMPTS)]
+    with Engine(lm, registry, EngineConfig(max_batch=4, merge=False)) as engine:
+        alone = [engine.run(job) for job in jobs]
+        together = run_together(engine, jobs, gap_s=0.004)
+        assert engine.stats.merges == 0
+    assert [finished(a).text for a in alone] == [finished(b).text for b in together]
+
+
+def test_kv_cache_merge_select_and_trim() -> None:
+    from transformers.cache_utils import DynamicCache
+
+    from personavec.serve import kvcache
+
+    def cache(keys: torch.Tensor) -> DynamicCache:
+        c = DynamicCache()
+        c.update(keys, -keys, 0)
+        return c
+
+    ka, kb = torch.randn(2, 1, 3, 4), torch.randn(1, 1, 5, 4)
+    ma, mb = torch.tensor([[1, 1, 1], [0, 1, 1]]), torch.ones(1, 5, dtype=torch.long)
+    merged, mask = kvcache.merge(cache(ka), ma, cache(kb), mb)
+    assert kvcache.can_merge(merged) and mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [1] * 5]
+    assert torch.equal(merged.layers[0].keys[:2, :, 2:], ka) and torch.equal(merged.layers[0].keys[2], kb[0])
+    assert not merged.layers[0].keys[:2, :, :2].any()
+    kept, mask = kvcache.select(merged, mask, [1, 0])  # the padding both rows share is dropped
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1]] and torch.equal(kept.layers[0].values, -ka[[1, 0]])
+
+    class Opaque:  # a cache without per-layer tensors: rows are picked by its own method, no trimming
+        def batch_select_indices(self, index: torch.Tensor) -> None:
+            self.index = index.tolist()
+
+    opaque = Opaque()
+    _, mask = kvcache.select(opaque, torch.tensor([[0, 1], [0, 1]]), [1])
+    assert not kvcache.can_merge(opaque) and opaque.index == [1] and mask.tolist() == [[0, 1]]
