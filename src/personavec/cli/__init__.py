@@ -134,6 +134,7 @@ from personavec.cli import extract as _extract  # noqa: E402, F401
 from personavec.cli import finetune as _finetune  # noqa: E402, F401
 from personavec.cli import monitor as _monitor  # noqa: E402, F401
 from personavec.cli import screen as _screen  # noqa: E402, F401
+from personavec.cli import screen_experiment as _screen_experiment  # noqa: E402, F401
 from personavec.cli import serve as _serve  # noqa: E402, F401
 from personavec.cli import steer as _steer  # noqa: E402, F401
 from personavec.cli import traits as _traits  # noqa: E402, F401

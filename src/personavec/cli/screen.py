@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.progress import (
@@ -21,6 +22,10 @@ from rich.table import Table
 from rich.text import Text
 
 from personavec.cli import JSON_OPT, MODEL_OPT, app, err, friendly, load, out
+from personavec.core.errors import PersonavecError
+
+if TYPE_CHECKING:
+    from personavec.screen.distributed import RayOptions
 
 
 class _RateColumn(ProgressColumn):
@@ -84,6 +89,26 @@ def screen_cmd(
         64, "--max-new-tokens", min=1, help="Length of the model's own answers."
     ),
     top: int = typer.Option(10, "--top", min=0, help="Top samples listed per vector."),
+    use_ray: bool = typer.Option(
+        False,
+        "--ray",
+        help="Screen on a local Ray cluster started for this run (one model replica per worker).",
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Screen on a running Ray cluster: HOST:PORT of its head, or auto."
+    ),
+    ray_workers: int | None = typer.Option(
+        None,
+        "--ray-workers",
+        min=1,
+        help="Ray workers, each holding one model replica (default: one per CPU).",
+    ),
+    ray_threads: int | None = typer.Option(
+        None,
+        "--ray-threads",
+        min=1,
+        help="Torch threads per Ray worker (default: the CPUs shared out among the workers).",
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Score training data: each sample's projection difference (its response against the model's own)."""
@@ -93,6 +118,7 @@ def screen_cmd(
     from personavec.screen.scoring import ScreenPlan
     from personavec.screen.vectors import resolve_vectors
 
+    ray_options = _ray_options(use_ray, ray_address, ray_workers, ray_threads)
     drop = parse_drop(drop_top) if drop_top is not None else None
     total = count_rows(data)  # also refuses a missing path or an unknown format before loading a model
     lm = load(model)
@@ -114,7 +140,16 @@ def screen_cmd(
         _RateColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=err, transient=False) as progress:
+    with contextlib.ExitStack() as stack:
+        scorer = None
+        if ray_options is not None:
+            from personavec.screen.distributed import ray_scorer
+
+            # Before the progress bar: the cluster's start and the replicas' loading log lines of their own.
+            scorer = stack.enter_context(
+                ray_scorer(model, plan, fingerprint=lm.info.fingerprint, options=ray_options, log=_log)
+            )
+        progress = stack.enter_context(Progress(*columns, console=err, transient=False))
         task = progress.add_task("screening", total=total)
         result = screen(
             lm,
@@ -125,8 +160,9 @@ def screen_cmd(
             rank_by=rank_by,
             drop_top=drop,
             top_k=top,
+            scorer=scorer,
             on_progress=lambda done: progress.update(task, completed=done),
-            log=lambda m: err.print(m, highlight=False, soft_wrap=True),
+            log=_log,
         )
         progress.update(
             task, total=result.summary["rows"]["screened"], completed=result.summary["rows"]["screened"]
@@ -137,6 +173,26 @@ def screen_cmd(
     else:
         _print_tables(summary)
     _print_run(summary)
+
+
+def _log(message: str) -> None:
+    err.print(message, highlight=False, soft_wrap=True)
+
+
+def _ray_options(
+    use_ray: bool, address: str | None, workers: int | None, threads: int | None
+) -> RayOptions | None:
+    """The Ray settings the flags ask for, or ``None`` for a single-process run (Ray is not imported)."""
+    from personavec.screen.distributed import RayOptions, import_ray
+
+    if use_ray and address is not None:
+        raise PersonavecError("pass --ray (a local cluster) or --ray-address (a running one), not both")
+    if not use_ray and address is None:
+        if workers is not None or threads is not None:
+            raise PersonavecError("--ray-workers and --ray-threads need --ray or --ray-address")
+        return None
+    import_ray()  # a missing Ray is one line now, not after the model has loaded
+    return RayOptions(address=address, workers=workers, threads=threads)
 
 
 def _print_tables(summary: dict[str, Any]) -> None:
