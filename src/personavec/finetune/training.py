@@ -199,7 +199,8 @@ def assistant_loss(lm: LoadedModel, batch: Sequence[Encoded]) -> Tensor:
     return torch.nn.functional.cross_entropy(pred.float(), ids[:, 1:][target])
 
 
-def _optimizer(trainee: Trainee, cfg: TrainConfig, total: int) -> tuple[torch.optim.Optimizer, Any]:
+def make_optimizer(trainee: Trainee, cfg: TrainConfig, total: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable weights, with a linear warm-up over the first tenth of ``total`` steps."""
     opt = torch.optim.AdamW(list(trainee.params.values()), lr=cfg.lr, weight_decay=0.0)
     warmup = max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -231,7 +232,7 @@ def train_steps(
     t0 = time.perf_counter()
     lm = trainee.lm
     order = batch_order(len(encoded), cfg)
-    opt, sched = _optimizer(trainee, cfg, len(order))
+    opt, sched = make_optimizer(trainee, cfg, len(order))
     losses: list[float] = []
     start = load_checkpoint(trainee, opt, sched, checkpoint_dir, losses) if checkpoint_dir else 0
     lm.model.train()
