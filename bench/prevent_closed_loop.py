@@ -53,7 +53,8 @@ def model_update(hist: History, total: int, norm: float, gain: float) -> float:
 
 
 def main() -> None:
-    data, vec_path, layer, seg, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    data, vec_path, out = sys.argv[1], sys.argv[2], sys.argv[5]
+    layer, seg = int(sys.argv[3]), int(sys.argv[4])
     gain = float(sys.argv[6]) if len(sys.argv) > 6 else 1.0
     mode = sys.argv[7] if len(sys.argv) > 7 else "i"
     lm = load_model(None)
