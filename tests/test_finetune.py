@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -185,23 +186,62 @@ def test_secant_step_lands_on_the_zero_of_a_linear_response() -> None:
     assert secant_step([(0.0, 2.0), (0.1, shift(0.1))]) == pytest.approx(0.25)
     # No slope toward zero: at least double.
     assert secant_step([(0.0, 2.0), (0.5, 2.5)]) == pytest.approx(1.0)
+    # Both overshot: extrapolate back toward the weaker one.
+    assert secant_step([(0.5, shift(0.5)), (1.0, shift(1.0))]) == pytest.approx(0.25)
 
 
-def test_auto_coefficient_probes_within_one_run_and_resets_the_weights() -> None:
+def test_auto_coefficient_trains_the_trunk_once_and_tries_only_the_last_third(tmp_path: Path) -> None:
     lm = tiny("llama")
-    vec = _vector(lm, scale=0.3)
+    vec = _vector(lm, scale=-0.3)
     trainee = prepare(lm, CFG)
     enc = encode_examples(lm, DATA, 512)
-    iv = Intervention(vec, "v", 2, None)
-    steps: list[int] = []
-    search = auto_coefficient(
-        trainee, enc, CFG, iv, ["Hello?", "Why?"], on_probe=lambda c, s: steps.append(1)
-    )
-    assert search.coef >= 0 and 1 <= len(search.probes) <= 3 and len(steps) == len(search.probes)
-    # Together the probes see about as many examples as the run itself.
-    assert search.probe_steps == CFG.steps(len(DATA)) and search.probe_batch == CFG.batch_size // 3
-    assert search.probe_batch * len(search.probes) <= CFG.batch_size
-    assert all(torch.equal(p, trainee.initial[n]) for n, p in trainee.params.items())
+    iv, qs = Intervention(vec, "v", 2, None), ["Hello?", "Why?"]
+    seen: list[tuple[float, float]] = []
+    search = auto_coefficient(trainee, enc, CFG, iv, qs, tmp_path, on_probe=lambda c, x: seen.append((c, x)))
+    total = CFG.steps(len(DATA))  # 6 steps: 1 plain, 3 at the trunk strength, the last 2 searched
+    assert (search.first_step, search.fork_step) == (1, 4) and search.probes == seen and len(seen) == 2
+    assert seen[0][0] == search.trunk_coef and search.coef >= 0
+    assert search.schedule(total) == [(0, 1, 0.0), (1, 4, search.trunk_coef), (4, 6, search.coef)]
+    trunk = json.loads((tmp_path / "search_trunk" / "state.json").read_text())
+    assert trunk["step"] == 4 and not (tmp_path / "search_trial").exists()
+    # A trial is the real run's last third: from the trunk's checkpoint, the same batches in the same order,
+    # so training it again at a trial's strength lands on the shift that trial measured.
+    base = projections(tiny("llama"), vec, qs)[2]
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "search_trunk", again)
+    coef, shift = seen[1]
+    train_steps(trainee, enc, CFG, interventions=[iv.spec(coef)], checkpoint_dir=again)
+    assert projections(lm, vec, qs)[2] - base == pytest.approx(shift, abs=1e-4)
+
+
+def test_a_search_killed_between_trials_keeps_the_trunk_and_the_first_trial(tmp_path: Path) -> None:
+    vec = _vector(tiny("llama"), scale=-0.3)
+    iv, qs = Intervention(vec, "v", 2, None), ["Hi?", "Why?"]
+    probes: list[float] = []
+    states: list[dict] = []  # type: ignore[type-arg]
+
+    def die_after_first(c: float, _x: float) -> None:
+        probes.append(c)
+        raise KeyboardInterrupt
+
+    def search(on_probe):  # type: ignore[no-untyped-def]
+        lm = tiny("llama")
+        trainee, enc = prepare(lm, CFG), encode_examples(lm, DATA, 512)
+        state = states[-1] if states else None
+        return auto_coefficient(trainee, enc, CFG, iv, qs, tmp_path, state=state,
+                                save_state=lambda d: states.append(dict(d)), on_probe=on_probe)  # fmt: skip
+
+    with pytest.raises(KeyboardInterrupt):
+        search(die_after_first)
+    # The probe that was interrupted in its callback had finished: only the trunk strength was saved.
+    assert "trunk_coef" in states[-1] and not states[-1].get("probes")
+    done = search(lambda c, _x: probes.append(c))
+    assert len(done.probes) == 2 and probes[0] == probes[1] == done.trunk_coef
+    uninterrupted = tmp_path / "fresh"
+    lm = tiny("llama")
+    fresh = auto_coefficient(prepare(lm, CFG), encode_examples(lm, DATA, 512), CFG, iv, qs, uninterrupted)
+    assert fresh.coef == pytest.approx(done.coef, abs=1e-5)
+    assert [x for p in fresh.probes for x in p] == pytest.approx([x for p in done.probes for x in p])
 
 
 def test_projection_shift_matches_transformers_hidden_states(llama_lm: LoadedModel) -> None:
@@ -258,10 +298,10 @@ def test_cli_finetune_and_shift_on_a_tiny_model_folder(tmp_path: Path) -> None:
 
 def test_a_killed_automatic_run_does_not_search_again(tmp_path: Path) -> None:
     probes: list[float] = []
-    vec = _vector(tiny("llama"), scale=0.3)
+    vec = _vector(tiny("llama"), scale=-0.3)
 
-    def kill_at_2(step: int, _total: int, _loss: float) -> None:
-        if step == 2:
+    def kill_at_6(step: int, _total: int, _loss: float) -> None:
+        if step == 6:  # the real run continues from the trunk at step 4; step 5 was saved
             raise KeyboardInterrupt
 
     def run(on_step):  # type: ignore[no-untyped-def]
@@ -271,8 +311,8 @@ def test_a_killed_automatic_run_does_not_search_again(tmp_path: Path) -> None:
                         on_step=on_step, on_probe=lambda c, s: probes.append(c))  # fmt: skip
 
     with pytest.raises(KeyboardInterrupt):
-        run(kill_at_2)
+        run(kill_at_6)
     searched = len(probes)
     res = run(None)
-    assert searched >= 1 and len(probes) == searched and res.train.resumed_from == 1
+    assert searched == 2 and len(probes) == searched and res.train.resumed_from == 5
     assert res.receipt["auto_search"]["coef"] == res.receipt["interventions"][0]["coef"]

@@ -8,17 +8,23 @@ Why the strength must be searched: steering supplies the push toward the trait t
 so the weights need not learn it. Too little and the model still learns the trait; too much and it learns
 to push the *other* way (measured by the issue's author: coefficient 1.0 turned a +2.6 shift into -13.9).
 The right amount depends on the data, the vector's scale and the layer, so :func:`auto_coefficient`
-trains probes and solves for the strength whose shift is zero by the secant method on the measured
-shifts. A probe takes as many optimizer steps as the real run but on a third of the batch, so three of
-them cost about one run: the shift depends on how long the model trains (a probe of a third of the
-steps that landed at +0.02 grew to +0.73 over the whole run), much less on how large each batch is.
+searches for the strength whose shift ends at zero.
+
+How it searches follows from two measurements on the embedded model (docs/results.md): short probe runs
+misjudge the whole run's plain shift (probes that saw a third of the examples shifted two thirds as
+much, so their zero was too weak), while the shift answers a change of strength within about four steps
+(a run whose last sixth went plain ended where plain fine-tuning ends). So the search trains the real
+run's first two thirds once and tries only its last third, from the same checkpoint, at two strengths;
+the secant through their end shifts gives the strength the real last third uses. Measured against the
+whole run, the trials see the same examples in the same order, and the search costs two thirds of a run.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,28 +113,49 @@ class AutoSearch:
     """The automatic strength search.
 
     Attributes:
-        coef: The chosen strength.
-        probes: ``(coef, shift)`` per probe, in order (shift of a probe-length run at the vector's layer).
-        probe_steps: Optimizer steps per probe.
-        probe_batch: Examples per step in a probe.
+        coef: The strength of the run's last part (the one that was searched).
+        trunk_coef: The strength from ``first_step`` to ``fork_step`` (0 before ``first_step``).
+        first_step: Plain steps at the start, whose shift sets ``trunk_coef``.
+        fork_step: Where the searched last part begins.
+        probes: ``(coef, shift)`` of each trial last part, in order (shift at the vector's layer at the end
+            of the run).
         note: Why the search stopped where it did.
     """
 
     coef: float
+    trunk_coef: float
+    first_step: int
+    fork_step: int
     probes: list[tuple[float, float]]
-    probe_steps: int
-    probe_batch: int
     note: str
+
+    def schedule(self, total: int) -> list[tuple[int, int, float]]:
+        """``(from_step, to_step, strength)`` for the whole run."""
+        return [(0, self.first_step, 0.0), (self.first_step, self.fork_step, self.trunk_coef),
+                (self.fork_step, total, self.coef)]  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return {
             "coef": self.coef,
+            "trunk_coef": self.trunk_coef,
+            "first_step": self.first_step,
+            "fork_step": self.fork_step,
             "probes": [list(p) for p in self.probes],
-            "probe_steps": self.probe_steps,
-            "probe_batch": self.probe_batch,
             "note": self.note,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AutoSearch:
+        """Inverse of :meth:`to_dict`."""
+        probes = [(float(c), float(x)) for c, x in data["probes"]]
+        return cls(float(data["coef"]), float(data["trunk_coef"]), int(data["first_step"]),
+                   int(data["fork_step"]), probes, str(data["note"]))  # fmt: skip
+
+
+TRUNK = "search_trunk"
+TRIAL = "search_trial"
+MAX_COEF = 4.0
 
 
 def auto_coefficient(
@@ -137,80 +164,110 @@ def auto_coefficient(
     cfg: TrainConfig,
     target: Intervention,
     questions: Sequence[str],
+    folder: Path,
     *,
     others: Sequence[SteeringSpec] = (),
-    n_probes: int = 3,
+    state: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] = lambda _s: None,
     on_probe: Callable[[float, float], None] | None = None,
 ) -> AutoSearch:
-    """Choose the preventative strength whose fine-tuning shift along ``target``'s vector is zero.
+    """Choose the preventative strength whose fine-tuning shift along ``target``'s vector ends at zero.
 
-    Every probe starts from the untrained weights and takes the run's number of steps with
-    ``1 / n_probes`` of its batch size, so the whole search costs about one extra run. The shift is the
-    change in mean last-prompt projection over ``questions`` at ``target.layer``.
+    The run is trained once up to two thirds of its steps (the *trunk*: a sixth plain, whose shift gives
+    a first strength, then that strength), and its last third is tried from there at two strengths; the
+    secant through the two trial shifts gives the strength of the real last third, which
+    :func:`~personavec.finetune.run.finetune` then trains from the trunk's checkpoint. The whole search
+    costs two thirds of a run on top of the run. It works because the shift answers a change of
+    strength within a few steps (see the module docstring): the last third decides where it ends.
 
     Args:
-        trainee: The prepared model (its weights are reset before each probe and after the search).
+        trainee: The prepared model (left holding the trunk's weights).
         encoded: The training examples.
         cfg: The run's settings.
         target: The ``prevent`` intervention to choose a strength for.
         questions: Questions the shift is read on (the trait's evaluation questions).
+        folder: Scratch folder for the trunk's and the trials' checkpoints (``folder/search_trunk`` is
+            left for the real run to continue from).
         others: Other interventions active in the same run.
-        n_probes: Probe runs (the first is plain fine-tuning).
-        on_probe: Called with ``(coef, shift)`` after each probe.
+        state: What an interrupted search already found (from ``save_state``).
+        save_state: Called with the search's progress after each phase, to resume a killed run.
+        on_probe: Called with ``(coef, shift)`` after each trial.
 
     Returns:
         The :class:`AutoSearch`.
     """
     total = cfg.steps(len(encoded))
-    small = max(1, cfg.batch_size // n_probes)
-    probe_cfg = replace(
-        cfg, batch_size=small, epochs=cfg.epochs * n_probes, max_steps=total, checkpoint_every=0
-    )
-    base = projections(trainee.lm, target.vector, questions)[target.layer]
+    if total < 2:
+        raise PersonavecError("the automatic strength needs at least 2 training steps: add data or epochs")
+    first = max(1, total // 6)
+    fork = min(max(first, round(total * 2 / 3)), total - 1)
+    found = dict(state or {})
+    base = found.get("base")
+    if base is None:
+        base = found["base"] = projections(trainee.lm, target.vector, questions)[target.layer]
+        save_state(found)
     norm = float(target.vector.at(target.layer).norm())
 
-    def probe(coef: float) -> float:
-        trainee.reset()
-        specs = [*others, target.spec(coef)] if coef else list(others)
-        train_steps(trainee, encoded, probe_cfg, interventions=specs)
-        shift = projections(trainee.lm, target.vector, questions)[target.layer] - base
-        if on_probe is not None:
-            on_probe(coef, shift)
-        return shift
+    def shift() -> float:
+        return float(projections(trainee.lm, target.vector, questions)[target.layer]) - float(base)
 
-    probes = [(0.0, probe(0.0))]
-    try:
-        if probes[0][1] <= 0:
-            return AutoSearch(
-                0.0,
-                probes,
-                probe_cfg.steps(len(encoded)),
-                small,
-                "plain fine-tuning does not move the model toward the trait: no steering needed",
-            )
-        # First guess: adding c * v moves the residual stream at that layer by c * |v| along the unit
-        # direction, so c = shift / |v| hands the model the shift the data would otherwise teach it.
-        coef = min(probes[0][1] / max(norm, 1e-6), 4.0)
-        while len(probes) < n_probes:
-            probes.append((coef, probe(coef)))
-            coef = secant_step(probes)
-        steps = probe_cfg.steps(len(encoded))
-        return AutoSearch(coef, probes, steps, small, "secant on the probes' shifts")
-    finally:
-        trainee.reset()
+    def trial(coef: float) -> float:
+        shutil.rmtree(folder / TRIAL, ignore_errors=True)
+        shutil.copytree(folder / TRUNK, folder / TRIAL)
+        specs = [*others, target.spec(coef)]
+        train_steps(trainee, encoded, cfg, interventions=specs, checkpoint_dir=folder / TRIAL)
+        value = shift()
+        shutil.rmtree(folder / TRIAL, ignore_errors=True)
+        if on_probe is not None:
+            on_probe(coef, value)
+        return value
+
+    trunk = folder / TRUNK
+    if "trunk_coef" not in found:
+        train_steps(trainee, encoded, cfg, interventions=others, checkpoint_dir=trunk, stop_at=first)
+        # Hand the model, as steering, the shift plain training would reach by the end (extrapolated).
+        found["trunk_coef"] = min(max(shift() * total / first / max(norm, 1e-6), 0.0), MAX_COEF)
+        save_state(found)
+    c0 = float(found["trunk_coef"])
+    specs = [*others, target.spec(c0)] if c0 else list(others)
+    train_steps(trainee, encoded, cfg, interventions=specs, checkpoint_dir=trunk, stop_at=fork)
+    probes = [(float(c), float(x)) for c, x in found.get("probes", [])]
+    while len(probes) < 2:
+        if probes and probes[0][0] == 0 and probes[0][1] <= 0:
+            break  # unsteered, the run does not move toward the trait
+        if not probes:
+            coef = c0
+        else:  # the same "hand over the shift" step, from the first trial's end
+            c, x = probes[0]
+            coef = min(max(c + x / max(norm, 1e-6), 0.0), MAX_COEF)
+            if abs(coef - c) < 1e-6:  # clamped: move anyway, so the two trials give a slope
+                coef = c * 1.5 + 1e-3 if x > 0 else c * 0.5
+        probes.append((coef, trial(coef)))
+        found["probes"] = probes
+        save_state(found)
+    if len(probes) == 1:
+        note = "plain fine-tuning does not move the model toward the trait: no steering needed"
+        return AutoSearch(0.0, c0, first, fork, probes, note)
+    coef = min(max(secant_step(probes), 0.0), MAX_COEF)
+    return AutoSearch(coef, c0, first, fork, probes, "secant through two trials of the last third")
 
 
 def secant_step(probes: Sequence[tuple[float, float]]) -> float:
-    """Secant step toward shift 0 from the two probes that bracket it best (never negative)."""
+    """Secant step toward shift 0 from the probes that bracket it best (never negative).
+
+    When every probe is on the same side of zero, it extrapolates along the slope of the two probes
+    nearest the zero, bounded so that one noisy probe cannot send the next far past it.
+    """
     below = [p for p in probes if p[1] <= 0]
     above = [p for p in probes if p[1] > 0]
-    if not below:  # still short of zero: follow the slope of the two strongest probes
-        (c0, s0), (c1, s1) = sorted(probes, key=lambda p: p[0])[-2:]
-        slope = (s1 - s0) / (c1 - c0) if c1 != c0 else 0.0
-        if slope >= 0:
-            return 2 * c1  # no sign of progress: double
-        # Bounded, so one noisy probe cannot send the next one far past the zero.
-        return min(max(c1 - s1 / slope, 1.05 * c1), 4 * c1)
-    lo = max(above, key=lambda p: p[0])  # the strongest strength that was still too weak
-    hi = min(below, key=lambda p: p[0])  # the weakest strength that overshot
-    return lo[0] + (hi[0] - lo[0]) * lo[1] / (lo[1] - hi[1])
+    if below and above:
+        lo = max(above, key=lambda p: p[0])  # the strongest strength that was still too weak
+        hi = min(below, key=lambda p: p[0])  # the weakest strength that overshot
+        return lo[0] + (hi[0] - lo[0]) * lo[1] / (lo[1] - hi[1])
+    ordered = sorted(probes, key=lambda p: p[0])
+    (c0, s0), (c1, s1) = ordered[-2:] if above else ordered[:2]
+    slope = (s1 - s0) / (c1 - c0) if c1 != c0 else 0.0
+    if above:  # still short of zero: stronger
+        return 2 * c1 if slope >= 0 else min(max(c1 - s1 / slope, 1.05 * c1), 4 * c1)
+    # every probe overshot: weaker
+    return c0 / 2 if slope >= 0 else max(min(c0 - s0 / slope, 0.95 * c0), c0 / 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -14,7 +15,7 @@ from personavec.core.conversations import Conversation
 from personavec.core.errors import PersonavecError
 from personavec.core.models import LoadedModel
 from personavec.core.store import write_json
-from personavec.finetune.prevent import AutoSearch, Intervention, auto_coefficient
+from personavec.finetune.prevent import TRUNK, AutoSearch, Intervention, auto_coefficient
 from personavec.finetune.shift import projections
 from personavec.finetune.training import (
     CHECKPOINT,
@@ -76,7 +77,7 @@ def _choose_strengths(
     out: Path,
     on_probe: Callable[[float, float], None] | None,
 ) -> tuple[list[Intervention], AutoSearch | None]:
-    """Fill in an automatic strength (at most one per run), reusing a search saved by a killed run."""
+    """Fill in an automatic strength (at most one per run), resuming a search a killed run started."""
     auto = [i for i, iv in enumerate(interventions) if iv.kind == "prevent" and iv.coef is None]
     if not auto:
         return interventions, None
@@ -85,18 +86,31 @@ def _choose_strengths(
     if not questions:
         raise PersonavecError("the automatic strength needs the trait's evaluation questions")
     state = json.loads((out / RUN_STATE).read_text())
-    if state.get("search"):  # a killed run already searched: do not pay for it twice
-        data = state["search"]
-        probes = [(float(c), float(x)) for c, x in data["probes"]]
-        search = AutoSearch(data["coef"], probes, data["probe_steps"], data["probe_batch"], data["note"])
+    if state.get("search", {}).get("coef") is not None:  # a killed run finished its search: reuse it
+        search = AutoSearch.from_dict(state["search"])
     else:
+
+        def save(progress: dict[str, Any]) -> None:
+            write_json(out / RUN_STATE, {**state, "search": progress})
+
         target = interventions[auto[0]]
         others = [iv.spec() for j, iv in enumerate(interventions) if j != auto[0]]
-        search = auto_coefficient(trainee, encoded, cfg, target, questions, others=others, on_probe=on_probe)
+        search = auto_coefficient(trainee, encoded, cfg, target, questions, out, others=others,
+                                  state=state.get("search"), save_state=save, on_probe=on_probe)  # fmt: skip
         write_json(out / RUN_STATE, {**state, "search": search.to_dict()})
     chosen = list(interventions)
     chosen[auto[0]] = replace(interventions[auto[0]], coef=search.coef)
     return chosen, search
+
+
+def _continue_from_trunk(out: Path, search: AutoSearch) -> None:
+    """Start the real run's checkpoint from the search's trunk (unless a killed run got further)."""
+    trunk, ckpt = out / TRUNK, out / CHECKPOINT
+    state = ckpt / "state.json"
+    if trunk.is_dir() and (not state.is_file() or json.loads(state.read_text())["step"] < search.fork_step):
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.copytree(trunk, ckpt)
+    shutil.rmtree(trunk, ignore_errors=True)
 
 
 def finetune(
@@ -121,7 +135,8 @@ def finetune(
         out: Output folder: a PEFT adapter (or transformers model) plus ``personavec_finetune.json``.
         cfg: Training settings.
         interventions: ``prevent`` / ``ablate`` vectors; a ``prevent`` with ``coef=None`` gets its
-            strength from :func:`~personavec.finetune.prevent.auto_coefficient`.
+            strength from :func:`~personavec.finetune.prevent.auto_coefficient` (which trains the run's
+            first two thirds; the receipt's ``auto_search.schedule`` says which strength ran when).
         questions: The trait's evaluation questions (needed by the automatic strength; the receipt
             records the shift they show).
         data_info: Where the data came from (recorded; ``sha256`` keys the resume).
@@ -145,6 +160,8 @@ def finetune(
     base = {iv.path: projections(lm, iv.vector, questions) for iv in interventions} if questions else {}
     trainee = prepare(lm, cfg)
     chosen, search = _choose_strengths(trainee, encoded, cfg, list(interventions), questions, out, on_probe)
+    if search is not None:
+        _continue_from_trunk(out, search)
     specs = [iv.spec() for iv in chosen]
     result = train_steps(
         trainee, encoded, cfg, interventions=specs, checkpoint_dir=out / CHECKPOINT, on_step=on_step
@@ -160,7 +177,7 @@ def finetune(
         "data": info,
         "config": asdict(cfg),
         "interventions": [iv.to_dict() for iv in chosen],
-        "auto_search": search.to_dict() if search else None,
+        "auto_search": {**search.to_dict(), "schedule": search.schedule(result.steps)} if search else None,
         "shift_at_layer": shifts,
         "losses": result.losses,
         "resumed_from_step": result.resumed_from,

@@ -215,6 +215,7 @@ def train_steps(
     interventions: Sequence[SteeringSpec] = (),
     checkpoint_dir: Path | None = None,
     on_step: StepCallback | None = None,
+    stop_at: int | None = None,
 ) -> TrainResult:
     """Train ``trainee`` on encoded examples, steering every training pass with ``interventions``.
 
@@ -225,6 +226,8 @@ def train_steps(
         interventions: Vectors added (or ablated) in every training forward pass, never at inference.
         checkpoint_dir: Where to save and resume checkpoints (``None``: no checkpoints).
         on_step: Progress callback.
+        stop_at: Stop after this step of the run (a checkpoint is saved there); the run can be continued
+            later from that checkpoint, with other interventions if wanted.
 
     Returns:
         The :class:`TrainResult`.
@@ -235,9 +238,10 @@ def train_steps(
     opt, sched = make_optimizer(trainee, cfg, len(order))
     losses: list[float] = []
     start = load_checkpoint(trainee, opt, sched, checkpoint_dir, losses) if checkpoint_dir else 0
+    stop = len(order) if stop_at is None else min(stop_at, len(order))
     lm.model.train()
     try:
-        for step in range(start, len(order)):
+        for step in range(start, stop):
             with steer(lm, interventions) if interventions else nullcontext():
                 loss = assistant_loss(lm, [encoded[i] for i in order[step]])
             loss.backward()
@@ -247,12 +251,12 @@ def train_steps(
             losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(step + 1, len(order), losses[-1])
-            last = step + 1 == len(order)
+            last = step + 1 == stop
             if checkpoint_dir and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or last):
                 save_checkpoint(trainee, opt, sched, checkpoint_dir, step + 1, losses)
     finally:
         lm.model.eval()
-    return TrainResult(len(order), losses, start, time.perf_counter() - t0)
+    return TrainResult(max(stop, start), losses, start, time.perf_counter() - t0)
 
 
 def save_checkpoint(
