@@ -73,7 +73,7 @@ def finetune_cmd(
             progress.update(task, completed=step, total=total, info=f"loss {loss:.3f}")
 
         def on_probe(coef: float, shift: float) -> None:
-            err.print(f"strength probe: coef {coef:.3f} -> shift {shift:+.3f}", highlight=False)
+            err.print(f"strength trial (last third): coef {coef:.3f} -> shift {shift:+.3f}", highlight=False)
 
         result = finetune(
             lm, dataset.conversations(), out_dir, cfg, interventions=ivs, questions=questions,
@@ -98,8 +98,13 @@ def _finetune_table(receipt: dict[str, Any], out_dir: Path) -> Table:
         coef = "" if iv["kind"] == "ablate" else f" coef {iv['coef']:.3f}"
         table.add_row(iv["kind"], f"{iv['trait']} @ layer {iv['layer']}{coef}")
     if receipt["auto_search"]:
-        probes = ", ".join(f"{c:.3f}: {s:+.2f}" for c, s in receipt["auto_search"]["probes"])
-        table.add_row("automatic strength", f"{receipt['auto_search']['coef']:.3f} (probes {probes})")
+        search = receipt["auto_search"]
+        trials = ", ".join(f"{c:.3f}: {s:+.2f}" for c, s in search["probes"])
+        table.add_row(
+            "automatic strength",
+            f"{search['coef']:.3f} from step {search['fork_step']} (trials {trials}); "
+            f"{search['trunk_coef']:.3f} from step {search['first_step']} to {search['fork_step']}",
+        )
     for path, shift in receipt["shift_at_layer"].items():
         table.add_row("shift", f"{shift:+.3f} ({Path(path).name})")
     table.add_row("time", f"{receipt['seconds']:.0f}s")

@@ -34,7 +34,7 @@ from personavec.core.layers import check_layers
 from personavec.core.steering import SteeringSpec, ablate, add
 from personavec.core.vectors import PersonaVector
 from personavec.finetune.shift import projections
-from personavec.finetune.training import TrainConfig, Trainee, train_steps
+from personavec.finetune.training import StepCallback, TrainConfig, Trainee, train_steps
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,7 @@ def auto_coefficient(
     state: dict[str, Any] | None = None,
     save_state: Callable[[dict[str, Any]], None] = lambda _s: None,
     on_probe: Callable[[float, float], None] | None = None,
+    on_step: StepCallback | None = None,
 ) -> AutoSearch:
     """Choose the preventative strength whose fine-tuning shift along ``target``'s vector ends at zero.
 
@@ -192,6 +193,7 @@ def auto_coefficient(
         state: What an interrupted search already found (from ``save_state``).
         save_state: Called with the search's progress after each phase, to resume a killed run.
         on_probe: Called with ``(coef, shift)`` after each trial.
+        on_step: Progress per optimizer step (a trial counts the run's last steps again).
 
     Returns:
         The :class:`AutoSearch`.
@@ -215,7 +217,9 @@ def auto_coefficient(
         shutil.rmtree(folder / TRIAL, ignore_errors=True)
         shutil.copytree(folder / TRUNK, folder / TRIAL)
         specs = [*others, target.spec(coef)]
-        train_steps(trainee, encoded, cfg, interventions=specs, checkpoint_dir=folder / TRIAL)
+        train_steps(
+            trainee, encoded, cfg, interventions=specs, checkpoint_dir=folder / TRIAL, on_step=on_step
+        )
         value = shift()
         shutil.rmtree(folder / TRIAL, ignore_errors=True)
         if on_probe is not None:
@@ -224,13 +228,17 @@ def auto_coefficient(
 
     trunk = folder / TRUNK
     if "trunk_coef" not in found:
-        train_steps(trainee, encoded, cfg, interventions=others, checkpoint_dir=trunk, stop_at=first)
+        train_steps(
+            trainee, encoded, cfg, interventions=others, checkpoint_dir=trunk, stop_at=first, on_step=on_step
+        )
         # Hand the model, as steering, the shift plain training would reach by the end (extrapolated).
         found["trunk_coef"] = min(max(shift() * total / first / max(norm, 1e-6), 0.0), MAX_COEF)
         save_state(found)
     c0 = float(found["trunk_coef"])
     specs = [*others, target.spec(c0)] if c0 else list(others)
-    train_steps(trainee, encoded, cfg, interventions=specs, checkpoint_dir=trunk, stop_at=fork)
+    train_steps(
+        trainee, encoded, cfg, interventions=specs, checkpoint_dir=trunk, stop_at=fork, on_step=on_step
+    )
     probes = [(float(c), float(x)) for c, x in found.get("probes", [])]
     while len(probes) < 2:
         if probes and probes[0][0] == 0 and probes[0][1] <= 0:

@@ -76,6 +76,7 @@ def _choose_strengths(
     questions: Sequence[str] | None,
     out: Path,
     on_probe: Callable[[float, float], None] | None,
+    on_step: StepCallback | None,
 ) -> tuple[list[Intervention], AutoSearch | None]:
     """Fill in an automatic strength (at most one per run), resuming a search a killed run started."""
     auto = [i for i, iv in enumerate(interventions) if iv.kind == "prevent" and iv.coef is None]
@@ -95,8 +96,10 @@ def _choose_strengths(
 
         target = interventions[auto[0]]
         others = [iv.spec() for j, iv in enumerate(interventions) if j != auto[0]]
-        search = auto_coefficient(trainee, encoded, cfg, target, questions, out, others=others,
-                                  state=state.get("search"), save_state=save, on_probe=on_probe)  # fmt: skip
+        search = auto_coefficient(
+            trainee, encoded, cfg, target, questions, out, others=others, state=state.get("search"),
+            save_state=save, on_probe=on_probe, on_step=on_step,
+        )  # fmt: skip
         write_json(out / RUN_STATE, {**state, "search": search.to_dict()})
     chosen = list(interventions)
     chosen[auto[0]] = replace(interventions[auto[0]], coef=search.coef)
@@ -159,7 +162,9 @@ def finetune(
         write_json(out / RUN_STATE, {"key": key})
     base = {iv.path: projections(lm, iv.vector, questions) for iv in interventions} if questions else {}
     trainee = prepare(lm, cfg)
-    chosen, search = _choose_strengths(trainee, encoded, cfg, list(interventions), questions, out, on_probe)
+    chosen, search = _choose_strengths(
+        trainee, encoded, cfg, list(interventions), questions, out, on_probe, on_step
+    )
     if search is not None:
         _continue_from_trunk(out, search)
     specs = [iv.spec() for iv in chosen]
