@@ -113,6 +113,39 @@ def load(model: str | None, quiet: bool = False) -> Any:
     return lm
 
 
+def model_for(vectors: list[Any], model: str | None) -> str | None:
+    """The model spec to load for vectors: ``--model`` if given, else the one they were made on."""
+    from personavec.core.models import EMBEDDED_ID
+
+    if model is not None:
+        return model
+    made_on = {str(v.meta.model_id) for v in vectors} - {""}
+    if len(made_on) > 1:
+        raise PersonavecError(
+            f"the vectors were made on different models ({', '.join(sorted(made_on))}): pass --model"
+        )
+    only = made_on.pop() if made_on else None
+    # The embedded model records its hub id, but is loaded through its alias (no hub needed).
+    return None if only in (None, EMBEDDED_ID) else only
+
+
+def load_vector_and_model(vector_path: Any, model: str | None) -> tuple[Any, Any]:
+    """Load a vector and its model, and check they belong together (one clear line if not)."""
+    from personavec.core.vectors import PersonaVector
+
+    vector = PersonaVector.load(vector_path)
+    lm = load(model_for([vector], model))
+    vector.check_model(lm.info.n_blocks, lm.info.hidden_size, lm.info.id)
+    if vector.meta.model_fingerprint and vector.meta.model_fingerprint != lm.info.fingerprint:
+        err.print(
+            f"warning: vector was made on {vector.meta.model_id} "
+            f"(fingerprint {vector.meta.model_fingerprint}); "
+            f"{lm.info.id} has the same shape but other weights ({lm.info.fingerprint})",
+            highlight=False,
+        )
+    return vector, lm
+
+
 class _null:
     def __enter__(self) -> None:
         return None

@@ -10,7 +10,18 @@ import typer
 from rich.table import Table
 
 from personavec import __version__
-from personavec.cli import JSON_OPT, MODEL_OPT, app, emit_json, err, friendly, load, out, parse_layers
+from personavec.cli import (
+    JSON_OPT,
+    MODEL_OPT,
+    app,
+    emit_json,
+    err,
+    friendly,
+    load,
+    load_vector_and_model,
+    out,
+    parse_layers,
+)
 
 vector_app = typer.Typer(help="Inspect, import and export vector files.", no_args_is_help=True)
 app.add_typer(vector_app, name="vector")
@@ -176,22 +187,10 @@ def vector_bake(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Write a plain transformers model folder whose weights carry the steering (for vLLM, TGI, llama.cpp)."""
-    from personavec.core.models import EMBEDDED_ID
-    from personavec.core.vectors import PersonaVector
     from personavec.steer.bake import check_destination, save_baked
 
     check_destination(out_dir)  # before the slow model load
-    vector = PersonaVector.load(vector_path)
-    if model is None and vector.meta.model_id not in ("", EMBEDDED_ID):
-        model = str(vector.meta.model_id)  # the embedded model records its hub id but loads by alias
-    lm = load(model)
-    if vector.meta.model_fingerprint and vector.meta.model_fingerprint != lm.info.fingerprint:
-        err.print(
-            f"warning: vector was made on {vector.meta.model_id} "
-            f"(fingerprint {vector.meta.model_fingerprint}); "
-            f"{lm.info.id} has other weights ({lm.info.fingerprint})",
-            highlight=False,
-        )
+    vector, lm = load_vector_and_model(vector_path, model)
     with err.status("baking ..."):
         record = save_baked(lm, vector, out_dir, layer, coef, vector_path=vector_path)
     if as_json:

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from personavec.cli import app, err, friendly, load
+from personavec.cli import app, err, friendly, load, model_for
 from personavec.core.errors import PersonavecError
 
 
@@ -34,21 +34,6 @@ def parse_thresholds(specs: list[str] | None) -> dict[str, Any]:
         return {name: Threshold.model_validate(f) for name, f in fields.items()}
     except ValidationError as e:
         raise PersonavecError(f"bad --threshold: {describe(e)}") from None
-
-
-def _model_spec(vectors: list[Any], model: str | None) -> str | None:
-    from personavec.core.models import EMBEDDED_ID
-
-    if model is not None:
-        return model
-    made_on = {str(v.meta.model_id) for v in vectors} - {""}
-    if len(made_on) > 1:
-        raise PersonavecError(
-            f"the vectors were made on different models ({', '.join(sorted(made_on))}): pass --model"
-        )
-    only = made_on.pop() if made_on else None
-    # The embedded model records its hub id, but is loaded through its alias (no hub needed).
-    return None if only in (None, EMBEDDED_ID) else only
 
 
 def _api_key(variable: str | None) -> str | None:
@@ -104,7 +89,7 @@ def serve_cmd(
     thresholds = parse_thresholds(threshold)
     files = [f for p in vectors or [] for f in vector_files(p)]
     loaded = [PersonaVector.load(f) for f in files]
-    spec = _model_spec(loaded, model)
+    spec = model_for(loaded, model)
     lm = load(spec)
     with err.status("measuring residual norms ...") if loaded else contextlib.nullcontext():
         registry = VectorRegistry(lm, list(zip(loaded, files)))

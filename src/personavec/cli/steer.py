@@ -11,7 +11,17 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from personavec.cli import JSON_OPT, app, emit_json, err, friendly, load, out, parse_layers
+from personavec.cli import (
+    JSON_OPT,
+    app,
+    emit_json,
+    err,
+    friendly,
+    load,
+    load_vector_and_model,
+    out,
+    parse_layers,
+)
 from personavec.core.errors import PersonavecError
 
 VECTOR_ARG = typer.Argument(
@@ -20,32 +30,6 @@ VECTOR_ARG = typer.Argument(
 MODEL_OPT_V = typer.Option(
     None, "--model", "-m", help="Model to steer (default: the one the vector was made on)."
 )
-
-
-def _model_spec(vector: Any, model: str | None) -> str | None:
-    from personavec.core.models import EMBEDDED_ID
-
-    if model is not None:
-        return model
-    # The embedded model records its hub id, but is loaded through its alias (no hub needed).
-    return None if vector.meta.model_id in ("", EMBEDDED_ID) else str(vector.meta.model_id)
-
-
-def _load_pair(vector_path: Path, model: str | None) -> tuple[Any, Any]:
-    """Load a vector and its model, and check they belong together (one clear line if not)."""
-    from personavec.core.vectors import PersonaVector
-
-    vector = PersonaVector.load(vector_path)
-    lm = load(_model_spec(vector, model))
-    vector.check_model(lm.info.n_blocks, lm.info.hidden_size, lm.info.id)
-    if vector.meta.model_fingerprint and vector.meta.model_fingerprint != lm.info.fingerprint:
-        err.print(
-            f"warning: vector was made on {vector.meta.model_id} "
-            f"(fingerprint {vector.meta.model_fingerprint}); "
-            f"{lm.info.id} has the same shape but other weights ({lm.info.fingerprint})",
-            highlight=False,
-        )
-    return vector, lm
 
 
 def _warn_large(vector: Any, layer: int, coef: float, norms: dict[int, float]) -> float:
@@ -91,7 +75,7 @@ def steer_cmd(
     if system is not None and not system.strip():
         raise PersonavecError("the system prompt is empty: drop --system or give it text")
     check_positions(positions)
-    vector, lm = _load_pair(vector_path, model)
+    vector, lm = load_vector_and_model(vector_path, model)
     if layer is not None:
         check_layers([layer], lm.info.n_blocks, allow_embeddings=False)
     rb_layer = readback_layer(vector)
@@ -177,7 +161,7 @@ def chat(
     from personavec.steer.readback import read_back
     from personavec.steer.sweep import readback_layer, residual_norms, steering_defaults
 
-    vector, lm = _load_pair(vector_path, model)
+    vector, lm = load_vector_and_model(vector_path, model)
     if layer is not None:
         check_layers([layer], lm.info.n_blocks, allow_embeddings=False)
     defaults = steering_defaults(lm, vector)
@@ -259,7 +243,7 @@ def sweep_cmd(
 
     coef_list = _parse_coefs(coefs)
     layer_list = parse_layers(layers)
-    vector, lm = _load_pair(vector_path, model)
+    vector, lm = load_vector_and_model(vector_path, model)
     spec = _trait_for(vector, vector_path, trait)
     target = out_dir or vector_path.parent
     target.mkdir(parents=True, exist_ok=True)
