@@ -70,7 +70,7 @@ def correlations(points: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "per_trait": {t: r([p for p in points if p["trait"] == t]) for t in traits},
         "pooled": r(points),
-        "points": len(points),
+        "n": len(points),
     }
 
 
@@ -100,7 +100,7 @@ def main() -> None:
             print(f"  {p['trait']:<12} {p['dataset']:<8} {p['mean_projection_difference']:+7.3f} "
                   f"[{lo:+.3f}, {hi:+.3f}]  shift {p['shift']:+.3f}  ({p['seconds']:.0f}s)")  # fmt: skip
         per = ", ".join(f"{t} {_r(v)}" for t, v in res["per_trait"].items())
-        print(f"  Pearson r per trait (3 sets each): {per}; pooled over {res['points']}: {_r(res['pooled'])}")
+        print(f"  Pearson r per trait (3 sets each): {per}; pooled over {res['n']}: {_r(res['pooled'])}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 
