@@ -360,42 +360,10 @@ def screen(
     scores = dataset_scores(
         records, names, primary, cheap=plan.cheap, top_k=top_k, resamples=resamples, seed=seed
     )
-    drop_info = None
-    if drop_top is not None:
-        k = drop_top.resolve(scores.n_records)
-        drop_lines = scores.ranking[:k]
-        target = write_filtered(source, drop_lines, folder)
-        _write_dropped(records, drop_lines, folder / DROPPED_NAME)
-        drop_info = {
-            "spec": drop_top.describe(),
-            "count": int(k),
-            "path": str(target),
-            "lines": sorted(int(x) for x in drop_lines[:SHOWN_DROPPED]),
-        }
-        log(f"dropped {k} top-ranked samples: wrote {target}")
-    traces: dict[str, list[TokenTrace]] = {}
-    if report:
-        wanted = {int(r["line"]) for st in scores.vectors.values() for r in st.top[:TRACED]}
-        found = _fetch_samples(source, wanted)
-        for v in plan.vectors:
-            picked = [
-                found[int(r["line"])] for r in scores.vectors[v.name].top[:TRACED] if int(r["line"]) in found
-            ]
-            traces[v.name] = trace_tokens(lm, picked, v)
+    drop_info = _drop(source, folder, records, scores, drop_top, log) if drop_top is not None else None
+    traces = _traces(lm, source, plan, scores) if report else {}
     records_to_csv(records, folder / RECORDS_CSV_NAME, names)
-
-    total_s = time.perf_counter() - t_start
-    timing = {
-        "seconds": round(total_s, 3),
-        "screen_seconds": round(loop_s, 3),
-        "samples_screened_now": totals.screened,
-        "samples_per_second": round(totals.screened / loop_s, 3) if loop_s > 0 and totals.screened else None,
-        "generation_seconds": round(totals.generation_s, 3),
-        "capture_seconds": round(totals.capture_s, 3),
-        "other_seconds": round(max(0.0, loop_s - totals.generation_s - totals.capture_s), 3),
-        "own_answers_generated": totals.generated,
-        "own_answers_from_cache": 0 if plan.cheap else totals.screened - totals.generated,
-    }
+    timing = _timing(plan, totals, time.perf_counter() - t_start, loop_s)
     summary: dict[str, Any] = {
         "data": str(source),
         **settings,
@@ -425,6 +393,56 @@ def screen(
 
         write_screen_report(folder, summary, scores, traces)
     return ScreenResult(folder, summary, scores, traces)
+
+
+def _drop(
+    source: Path,
+    folder: Path,
+    records: Path,
+    scores: DatasetScores,
+    drop_top: DropSpec,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Write the data without its top-ranked samples (and those samples' records); describe it."""
+    k = drop_top.resolve(scores.n_records)
+    drop_lines = scores.ranking[:k]
+    target = write_filtered(source, drop_lines, folder)
+    _write_dropped(records, drop_lines, folder / DROPPED_NAME)
+    log(f"dropped {k} top-ranked samples: wrote {target}")
+    return {
+        "spec": drop_top.describe(),
+        "count": int(k),
+        "path": str(target),
+        "lines": sorted(int(x) for x in drop_lines[:SHOWN_DROPPED]),
+    }
+
+
+def _traces(
+    lm: LoadedModel, source: Path, plan: ScreenPlan, scores: DatasetScores
+) -> dict[str, list[TokenTrace]]:
+    """Per-token projections of each vector's top samples, re-read from the data (for the report)."""
+    wanted = {int(r["line"]) for st in scores.vectors.values() for r in st.top[:TRACED]}
+    found = _fetch_samples(source, wanted)
+    traces: dict[str, list[TokenTrace]] = {}
+    for v in plan.vectors:
+        top = [int(r["line"]) for r in scores.vectors[v.name].top[:TRACED]]
+        traces[v.name] = trace_tokens(lm, [found[line] for line in top if line in found], v)
+    return traces
+
+
+def _timing(plan: ScreenPlan, totals: _Totals, total_s: float, loop_s: float) -> dict[str, Any]:
+    """Where the time went (generation and capture are summed over batches, see :func:`screen`)."""
+    return {
+        "seconds": round(total_s, 3),
+        "screen_seconds": round(loop_s, 3),
+        "samples_screened_now": totals.screened,
+        "samples_per_second": round(totals.screened / loop_s, 3) if loop_s > 0 and totals.screened else None,
+        "generation_seconds": round(totals.generation_s, 3),
+        "capture_seconds": round(totals.capture_s, 3),
+        "other_seconds": round(max(0.0, loop_s - totals.generation_s - totals.capture_s), 3),
+        "own_answers_generated": totals.generated,
+        "own_answers_from_cache": 0 if plan.cheap else totals.screened - totals.generated,
+    }
 
 
 def _notes(plan: ScreenPlan, scores: DatasetScores, timing: dict[str, Any]) -> list[str]:
