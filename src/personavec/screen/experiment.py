@@ -588,10 +588,13 @@ def _notes(counts: Mapping[str, int], cfg: PlantConfig) -> list[str]:
     ]
     for kind, want in cfg.wanted().items():
         if counts[kind] < want:
-            where = "coherent neutral answers" if kind == "normal" else f"{kind} candidates"
-            notes.append(
-                f"only {counts[kind]} of {want} {kind} rows: too few {where} (raise trait_rows or --n)"
-            )
+            if kind == "normal":
+                notes.append(f"only {counts[kind]} of {want} normal rows: too few coherent neutral answers")
+            else:
+                notes.append(
+                    f"only {counts[kind]} of {want} {kind} rows: too few candidates among the trait answers "
+                    "(plant fewer with --n, or answer more questions: PlantConfig.trait_rows)"
+                )
     return notes
 
 
