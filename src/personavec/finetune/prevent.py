@@ -182,7 +182,7 @@ def auto_coefficient(
     strength within a few steps (see the module docstring): the last third decides where it ends.
 
     Args:
-        trainee: The prepared model (left holding the trunk's weights).
+        trainee: The prepared model (left holding the last trial's weights; the real run reloads the trunk).
         encoded: The training examples.
         cfg: The run's settings.
         target: The ``prevent`` intervention to choose a strength for.
