@@ -11,9 +11,11 @@ interleaved rounds (rotating order) after one untimed warm-up each on a few rows
 * ``cheap``: ``screen(cheap=True)`` in this process, default batch size (64);
 * ``cheap_ray1`` / ``cheap_ray2``: the same on a local Ray cluster, 1 worker x 2 threads, 2 workers x 1
   thread (the ``--ray --ray-workers N`` defaults on 2 cores);
-* ``full``, ``full_ray1``, ``full_ray2``: full mode (64 new tokens per own answer) on fewer rows, batch
-  size 32, so that two Ray workers get a batch each at a time; their generation and capture seconds come
-  from the summary (summed over workers, so on Ray they exceed the wall time).
+* ``full``, ``full_ray1``, ``full_ray2``: full mode (the default 8 own answers of 64 new tokens per
+  prompt) on fewer rows, batch size 32, so that two Ray workers get a batch each at a time; their
+  generation and capture seconds come from the summary (summed over workers, so on Ray they exceed the
+  wall time);
+* ``full_greedy``: full mode in this process with one greedy own answer per prompt (``--own-samples 1``).
 
 The Ray cluster is declared with logical CPUs for every variant's actors (8), so that each variant's
 idle actors can wait between rounds with their replica loaded; only one variant runs at a time, on the
@@ -144,13 +146,11 @@ def main() -> None:
     lm = load_lm()
     log(f"torch threads: {torch.get_num_threads()}, load average {load_before[0]:.1f}")
     conversations = conversations_of_length(lm.tokenizer, mixed_lengths(args.samples, MIN_TOKENS, MAX_TOKENS))
+    vectors = resolve_vectors([(demo_vector(lm), LAYER)], lm.info)
     plans = {
-        mode: ScreenPlan(
-            resolve_vectors([(demo_vector(lm), LAYER)], lm.info),
-            cheap=mode == "cheap",
-            max_new_tokens=MAX_NEW_TOKENS,
-        )
-        for mode in ("cheap", "full")
+        "cheap": ScreenPlan(vectors, cheap=True),
+        "full": ScreenPlan(vectors, max_new_tokens=MAX_NEW_TOKENS),
+        "full_greedy": ScreenPlan(vectors, own_samples=1, max_new_tokens=MAX_NEW_TOKENS),
     }
     tmp = Path(tempfile.mkdtemp(prefix="bench-screen-"))
     data = write_jsonl(tmp / "data.jsonl", conversations)
@@ -209,6 +209,9 @@ def main() -> None:
             if not args.no_full:
                 full_variants["full" + suffix] = run("full" + suffix, "full", scorers.get("full" + suffix))
                 full_warm["full" + suffix] = warm("full" + suffix, "full", scorers.get("full" + suffix))
+        if not args.no_full:
+            full_variants["full_greedy"] = run("full_greedy", "full_greedy", None)
+            full_warm["full_greedy"] = warm("full_greedy", "full_greedy", None)
         cheap_runs = interleave(cheap_variants, cheap_warm, args.rounds)
         full_runs = interleave(full_variants, full_warm, args.full_rounds) if full_variants else {}
 

@@ -4,11 +4,12 @@ Each ``data/heldout/TRAIT.jsonl`` holds 12 + 12 hand-written answers (``question
 1 shows the trait, 0 its opposite; questions not in the specs). Each file is written as a chat dataset
 (question as the user turn, answer as the assistant turn), screened with that trait's vector
 (``personavec.screen.run.screen``), and scored by AUROC against the labels: the projection difference
-(full mode: against the model's own greedy answer; cheap mode: against the prompt's last token) and the
-raw projection. Screens are kept under ``--out`` and resume.
+(full mode: against the model's own answers; cheap mode: against the prompt's last token) and the
+raw projection. Full mode runs once per ``--own-samples`` value (own answers averaged per prompt; 1 is the
+single greedy answer), so the settings compare side by side. Screens are kept under ``--out`` and resume.
 
 Run: ``python bench/screen_heldout.py evil=RUN/vector.safetensors humorous=...@17 --out /tmp/screen-heldout
-[--mode full|cheap|both] [--json OUT]``
+[--mode full|cheap|both] [--own-samples 1 8] [--json OUT]``
 """
 
 from __future__ import annotations
@@ -60,12 +61,15 @@ def within_question(scores: list[float], labels: list[int], questions: list[str]
     return wins / pairs if pairs else float("nan")
 
 
-def screen_heldout(lm: LoadedModel, trait: str, vector: str, out: Path, *, cheap: bool) -> dict[str, Any]:
+def screen_heldout(
+    lm: LoadedModel, trait: str, vector: str, out: Path, *, cheap: bool, own_samples: int = 8
+) -> dict[str, Any]:
     """Screen one trait's hand-written answers; AUROC of each reading against the labels."""
     data, labels = heldout_dataset(trait, out / "data")
     (sv,) = resolve_vectors([vector], lm.info)
-    mode = "cheap" if cheap else "full"
-    res = screen(lm, data, ScreenPlan((sv,), cheap=cheap), out / f"{trait}-{mode}", report=False)
+    mode = "cheap" if cheap else f"full-k{own_samples}"
+    plan = ScreenPlan((sv,), cheap=cheap, own_samples=own_samples)
+    res = screen(lm, data, plan, out / f"{trait}-{mode}", report=False)
     records = list(iter_jsonl(res.records_path))
     readings = [r["vectors"][sv.name] for r in records]
     diffs = [r["projection_difference"] for r in readings]
@@ -80,7 +84,7 @@ def screen_heldout(lm: LoadedModel, trait: str, vector: str, out: Path, *, cheap
 
 def _print(r: dict[str, Any]) -> None:
     sizes = f"{r['positives']} + {r['n'] - r['positives']}"
-    head = f"{r['trait']:<13} layer {r['layer']:>2} {r['mode']:<5} {sizes}"
+    head = f"{r['trait']:<13} layer {r['layer']:>2} {r['mode']:<8} {sizes}"
     diff, raw, paired = r["auroc_projection_difference"], r["auroc_projection"], r["within_question"]
     print(f"{head}: AUROC projection difference {diff:.3f} (within questions {paired:.3f}), raw projection "
           f"{raw:.3f} ({r['seconds']:.0f}s)")  # fmt: skip
@@ -91,16 +95,20 @@ def main() -> None:
     ap.add_argument("vectors", nargs="+", help="TRAIT=VECTOR[@LAYER], TRAIT naming data/heldout/TRAIT.jsonl")
     ap.add_argument("--out", type=Path, default=Path("runs/screen-heldout"))
     ap.add_argument("--mode", choices=("full", "cheap", "both"), default="both")
+    ap.add_argument(
+        "--own-samples", type=int, nargs="+", default=[1, 8], help="Full mode's own answers per prompt."
+    )
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     lm = load_model(args.model)
-    modes = {"full": [False], "cheap": [True], "both": [True, False]}[args.mode]
+    full = [(False, k) for k in args.own_samples]
+    modes = {"full": full, "cheap": [(True, 1)], "both": [(True, 1), *full]}[args.mode]
     results = []
     for item in args.vectors:
         trait, _, vector = item.partition("=")
-        for cheap in modes:
-            r = screen_heldout(lm, trait, vector, args.out, cheap=cheap)
+        for cheap, k in modes:
+            r = screen_heldout(lm, trait, vector, args.out, cheap=cheap, own_samples=k)
             results.append(r)
             _print(r)
     if args.json:

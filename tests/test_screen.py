@@ -7,6 +7,7 @@ import math
 import pickle
 import shutil
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from personavec.screen.filtering import parse_drop, write_filtered
 from personavec.screen.records import repair_tail
 from personavec.screen.run import screen
 from personavec.screen.samples import Sample, SkippedRow, iter_samples
-from personavec.screen.scoring import BatchResult, ScreenBatch, ScreenPlan, score_batch
+from personavec.screen.scoring import BatchResult, ScreenBatch, ScreenPlan, prompt_seed, score_batch
 from personavec.screen.stats import agreement, bootstrap_mean_ci
 from personavec.screen.vectors import resolve_vectors
 from tests.conftest import make_model, make_tokenizer, tiny
@@ -91,19 +92,44 @@ def test_projections_equal_a_manual_computation_from_hidden_states(
     result = screen(llama_lm, _jsonl(tmp_path / "d.jsonl"), plan, tmp_path / "out", batch_size=5)
     records = _records(tmp_path / "out")
     assert [r["line"] for r in records] == list(range(1, len(ROWS) + 1))
-    answers = generate(
-        llama_lm, [[{"role": "user", "content": q}] for q, _ in ROWS], SamplingParams(max_new_tokens=6)
-    )
+    # The own answers: plan.own_samples per prompt, sampled with seeds from the prompt's text.
+    k = plan.own_samples
+    assert k > 1 and result.summary["own_measure"].startswith(f"mean response_mean of {k} own answers")
+    answers = [
+        tuple(
+            generate(
+                llama_lm,
+                [[{"role": "user", "content": q}]] * k,
+                SamplingParams(max_new_tokens=6, temperature=plan.temperature),
+                seeds=[prompt_seed(Sample(1, (("user", q),), a)) + j for j in range(k)],
+                batch_size=k,
+            )
+        )
+        for q, a in ROWS
+    ]
     cached = [
-        json.loads(x)["answer"] for x in (tmp_path / "out" / "own_answers.jsonl").read_text().splitlines()
+        tuple(json.loads(x)["answers"])
+        for x in (tmp_path / "out" / "own_answers.jsonl").read_text().splitlines()
     ]
     assert cached == answers
+    assert any(len(set(a)) > 1 for a in answers)  # sampled, not k copies of one answer
     for r, (q, a), own in zip(records, ROWS, answers):
         projection, prompt = _manual(
             llama_lm, [{"role": "user", "content": q}, {"role": "assistant", "content": a}], sv.vector, 2
         )
-        own_projection, _ = _manual(
-            llama_lm, [{"role": "user", "content": q}, {"role": "assistant", "content": own}], sv.vector, 2
+        own_projection = float(
+            np.mean(
+                [
+                    _manual(
+                        llama_lm,
+                        [{"role": "user", "content": q}, {"role": "assistant", "content": o}],
+                        sv.vector,
+                        2,
+                    )[0]
+                    for o in own
+                    if o.strip()
+                ]
+            )
         )
         v = r["vectors"][sv.name]
         assert v["projection"] == pytest.approx(projection, abs=2e-5)
@@ -158,6 +184,50 @@ def test_cheap_mode_subtracts_the_last_prompt_token(llama_lm: LoadedModel, tmp_p
     assert stats["cheap_agreement"] is None and stats["raw_agreement"] is None and stats["own_fit"] is None
 
 
+def test_one_own_sample_is_the_greedy_answer(llama_lm: LoadedModel, tmp_path: Path) -> None:
+    plan = replace(_plan(llama_lm), own_samples=1)
+    result = screen(
+        llama_lm, _jsonl(tmp_path / "d.jsonl"), plan, tmp_path / "out", batch_size=4, report=False
+    )
+    assert "greedy" in result.summary["own_measure"]
+    greedy = [
+        generate(llama_lm, [[{"role": "user", "content": q}]], SamplingParams(max_new_tokens=6))[0]
+        for q, _ in ROWS
+    ]
+    cached = [
+        json.loads(x)["answers"] for x in (tmp_path / "out" / "own_answers.jsonl").read_text().splitlines()
+    ]
+    assert cached == [[g] for g in greedy]
+    with pytest.raises(PersonavecError, match="at least 1"):
+        replace(plan, own_samples=0)
+    with pytest.raises(PersonavecError, match="temperature above 0"):
+        replace(plan, own_samples=4, temperature=0.0)
+
+
+def test_samples_sharing_a_prompt_share_its_own_answers(llama_lm: LoadedModel, tmp_path: Path) -> None:
+    # Two responses to each of three prompts, the repeats in later batches: the second response's own
+    # answers come from the memo (not generated again), and equal the first's.
+    rows = [(q, a) for q, a in ROWS[:3]] + [(q, a + " Really.") for q, a in ROWS[:3]]
+    plan = _plan(llama_lm)
+    result = screen(llama_lm, _jsonl(tmp_path / "d.jsonl", rows), plan, tmp_path / "out", batch_size=2)
+    assert result.summary["timing"]["own_answers_generated"] == 3
+    records = _records(tmp_path / "out")
+    cached = [json.loads(x) for x in (tmp_path / "out" / "own_answers.jsonl").read_text().splitlines()]
+    assert [c["line"] for c in cached] == list(range(1, 7))
+    for first, second, a, b in zip(records[:3], records[3:], cached[:3], cached[3:]):
+        assert a["answers"] == b["answers"] and first["own_projection"] == second["own_projection"]
+        assert second["projection_difference"] - first["projection_difference"] == pytest.approx(
+            second["projection"] - first["projection"], abs=2e-6
+        )
+    # A fresh screen of the same data in one batch makes the same own answers: they depend on the prompt
+    # only (the capture's padding moves the numbers by float rounding at most).
+    screen(llama_lm, _jsonl(tmp_path / "d.jsonl", rows), plan, tmp_path / "one", batch_size=6, report=False)
+    one = tmp_path / "one" / "own_answers.jsonl"
+    assert one.read_bytes() == (tmp_path / "out" / "own_answers.jsonl").read_bytes()
+    for a, b in zip(_records(tmp_path / "one"), records):
+        assert a["own_projection"] == pytest.approx(b["own_projection"], abs=1e-5)
+
+
 def test_the_per_batch_function_pickles_and_a_custom_scorer_gives_the_same_records(
     llama_lm: LoadedModel, tmp_path: Path
 ) -> None:
@@ -202,8 +272,8 @@ def test_a_killed_run_resumes_without_lost_or_duplicated_rows(llama_lm: LoadedMo
         tmp_path / "whole" / "own_answers.jsonl"
     ).read_bytes()
     assert resumed.summary["resumed"] == {"kept": 8, "screened_again": 5}
-    # Batch 9-16 came from the cache; 17-24 (half cached) is generated whole, as in the first run.
-    assert resumed.summary["timing"]["own_answers_generated"] == 14
+    # Lines 9-20 came from the cache; 21-30 are generated (own answers do not depend on their batch).
+    assert resumed.summary["timing"]["own_answers_generated"] == 10
     assert resumed.summary["vectors"] == whole.summary["vectors"]
 
     # Running the finished screen again changes nothing.
@@ -479,6 +549,13 @@ def test_cli_screen_json_and_errors(tmp_path: Path) -> None:
     }
     assert doc["summary"]["vectors"]["evil"]["layer"] == 3 and (tmp_path / "o" / "filtered.jsonl").is_file()
     assert "samples/s" in res.stderr
+    full = [*args[:-1], str(tmp_path / "full"), "--own-samples", "3", "--max-new-tokens", "4", "--json"]
+    res = CliRunner().invoke(app, full)
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["summary"]["own_measure"].startswith("mean response_mean of 3 own answers")
+    cached = [json.loads(x) for x in (tmp_path / "full" / "own_answers.jsonl").read_text().splitlines()]
+    assert len(cached) == 12 and all(len(c["answers"]) == 3 for c in cached)
     other = tmp_path / "other.safetensors"
     _vector(tiny("llama", n_layers=4)).save(other)
     res = CliRunner().invoke(app, ["screen", str(data), "--vector", str(other), "--model", str(folder)])

@@ -88,6 +88,12 @@ def screen_cmd(
     max_new_tokens: int = typer.Option(
         64, "--max-new-tokens", min=1, help="Length of the model's own answers."
     ),
+    own_samples: int = typer.Option(
+        8,
+        "--own-samples",
+        min=1,
+        help="Own answers sampled per prompt and averaged (1: the single greedy answer; cheaper, noisier).",
+    ),
     top: int = typer.Option(10, "--top", min=0, help="Top samples listed per vector."),
     use_ray: bool = typer.Option(
         False,
@@ -131,7 +137,7 @@ def screen_cmd(
                 highlight=False,
                 soft_wrap=True,
             )
-    plan = ScreenPlan(resolved, cheap=cheap, max_new_tokens=max_new_tokens)
+    plan = ScreenPlan(resolved, cheap=cheap, own_samples=own_samples, max_new_tokens=max_new_tokens)
     folder = out_dir if out_dir is not None else default_out(data, cheap)
     columns = (
         TextColumn("screening"),

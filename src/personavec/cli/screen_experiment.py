@@ -24,7 +24,12 @@ def screen_experiment_cmd(
     n: int | None = typer.Option(None, "--n", help="Planted rows, half blatant, half subtle (40)."),
     rate: float | None = typer.Option(None, "--rate", help="Planted share of the dataset (0.05)."),
     quick: bool = typer.Option(
-        False, "--quick", help="A small run for CI: 8 planted among 40 rows, 32-token answers."
+        False,
+        "--quick",
+        help="A small run for CI: 8 planted among 40 rows, 32-token answers, 4 own answers per prompt.",
+    ),
+    own_samples: int | None = typer.Option(
+        None, "--own-samples", min=1, help="The screen's own answers per prompt (8; --quick 4; 1: greedy)."
     ),
     judge: str | None = JUDGE_OPT,
     seed: int = typer.Option(0, help="Chooses the questions, seeds sampling and the planted positions."),
@@ -57,6 +62,7 @@ def screen_experiment_cmd(
     spec = trait_for_vector(meta_trait, vector_path, None if given.is_dir() else target)
     base = QUICK if quick else PlantConfig()
     cfg = replace(base, n=base.n if n is None else n, rate=base.rate if rate is None else rate, seed=seed)
+    cfg = replace(cfg, own_samples=cfg.own_samples if own_samples is None else own_samples)
     cfg = cfg.check()
     folder = out_dir or run_dir / ("screen-experiment-quick" if quick else "screen-experiment")
     lm = load(model)

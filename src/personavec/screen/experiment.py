@@ -95,6 +95,7 @@ class PlantConfig:
             default matches ``data make``, so its cached answers are reused.
         sampling: Sampling of the dataset's answers (``None``: the trait data's, with ``seed``).
         max_new_tokens: Length of the model's own answers when screening.
+        own_samples: The screen's own answers per prompt (:attr:`ScreenPlan.own_samples`).
         batch_size: Samples per screening batch.
     """
 
@@ -107,6 +108,7 @@ class PlantConfig:
     trait_rows: int = DEFAULT_N
     sampling: SamplingParams | None = None
     max_new_tokens: int = 64
+    own_samples: int = ScreenPlan.own_samples
     batch_size: int = 64
 
     def wanted(self) -> dict[str, int]:
@@ -133,7 +135,9 @@ class PlantConfig:
         return self
 
 
-QUICK = PlantConfig(n=8, rate=0.2, trait_rows=16, sampling=SamplingParams(32, 0.7, 0.9, 0), max_new_tokens=32)
+QUICK = PlantConfig(
+    n=8, rate=0.2, trait_rows=16, sampling=SamplingParams(32, 0.7, 0.9, 0), max_new_tokens=32, own_samples=4
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -512,7 +516,7 @@ def run_screen_experiment(
     data = write_dataset(out, rows)
     t1 = time.perf_counter()
     log(f"screening {len(rows)} rows ({len(rows) - kinds.count('normal')} planted) ...")
-    plan = ScreenPlan((vector,), max_new_tokens=cfg.max_new_tokens)
+    plan = ScreenPlan((vector,), own_samples=cfg.own_samples, max_new_tokens=cfg.max_new_tokens)
     screened = screen(lm, data, plan, out / SCREEN_DIR, batch_size=cfg.batch_size, log=log)
     t2 = time.perf_counter()
     scores = {**_record_scores(screened, vector.name, len(rows)), "judge": [r.trait for r in rows]}

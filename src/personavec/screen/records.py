@@ -9,6 +9,7 @@ Record schema (``records.jsonl``, one object per screened sample, in input order
     {"line": 12,                      # 1-based position in the input (JSONL line, else row number)
      "projection": 1.93, "own_projection": 0.41, "projection_difference": 1.52,   # the ranking vector
      "prompt": "...", "response": "...", "own_answer": "..." | null,            # previews
+     # (own_answer: the first of the model's own answers; own_answers.jsonl keeps them all)
      "vectors": {"evil": {"projection": 1.93, "own_projection": 0.41,
                           "projection_difference": 1.52, "prompt_projection": 0.77}, ...}}
 
@@ -23,6 +24,7 @@ import csv
 import json
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +66,7 @@ def make_record(sample: Sample, score: SampleScore, primary: str) -> dict[str, A
         "projection_difference": top["projection_difference"],
         "prompt": sample.prompt_preview(),
         "response": sample.response_preview(),
-        "own_answer": None if score.own_answer is None else preview(score.own_answer),
+        "own_answer": preview(score.own_answers[0]) if score.own_answers else None,
         "vectors": vectors,
     }
 
@@ -195,16 +197,22 @@ def resume_records(path: Path, batch_size: int) -> ResumePoint:
     return ResumePoint(keep, last_line, count - keep)
 
 
+MEMO_PROMPTS = 4096  # distinct prompts whose answers are kept in memory for later samples that repeat them
+
+
 class AnswerCache:
     """The model's own answers, by input line, in ``own_answers.jsonl`` (read with a forward cursor).
 
     Lines are looked up in increasing order, as the driver streams the data, so the file is read once,
-    alongside the input, and never held in memory. Each entry carries a key of the prompt and generation
-    settings: an answer is used only for the prompt and settings it was made for.
+    alongside the input, and never held whole in memory. Each entry carries a key of the prompt and the
+    generation settings: an answer is used only for the prompt and settings it was made for. Answers are
+    a function of that key alone (see :func:`personavec.screen.scoring.own_answers`), so a sample whose
+    prompt came earlier reuses that prompt's answers from a bounded in-memory memo instead of generating
+    them again; the file still gets a line for every sample.
 
     Args:
         path: The cache file (created on the first answer).
-        settings: What else an answer depends on (model fingerprint, ``max_new_tokens``).
+        settings: What else an answer depends on (model fingerprint, :meth:`ScreenPlan.generation`).
     """
 
     def __init__(self, path: Path, settings: dict[str, Any]) -> None:
@@ -217,25 +225,36 @@ class AnswerCache:
             self._last_line = max(self._last_line, int(entry["line"]))
         self._cursor = iter_jsonl(path, self._end)
         self._next: dict[str, Any] | None = None
+        self._memo: OrderedDict[str, tuple[str, ...]] = OrderedDict()
 
     def key(self, sample: Sample) -> str:
-        """The key of ``sample``'s answer: its prompt and the generation settings."""
+        """The key of ``sample``'s answers: its prompt and the generation settings."""
         return record_key({"prompt": sample.prompt, **self.settings})
 
-    def lookup(self, sample: Sample) -> str | None:
-        """The cached answer for ``sample``, or ``None`` (call with increasing lines)."""
+    def _remember(self, key: str, answers: tuple[str, ...]) -> None:
+        if key not in self._memo:
+            self._memo[key] = answers
+            if len(self._memo) > MEMO_PROMPTS:
+                self._memo.popitem(last=False)
+
+    def lookup(self, sample: Sample) -> tuple[str, ...] | None:
+        """The cached answers for ``sample``'s prompt, or ``None`` (call with increasing lines)."""
+        key = self.key(sample)
         while self._next is None or int(self._next["line"]) < sample.line:
             self._next = next(self._cursor, None)
             if self._next is None:
-                return None
-        if int(self._next["line"]) == sample.line and self._next["key"] == self.key(sample):
-            return str(self._next["answer"])
-        return None
+                break
+            self._remember(str(self._next["key"]), tuple(str(a) for a in self._next["answers"]))
+        if self._next is not None and int(self._next["line"]) == sample.line and self._next["key"] == key:
+            return tuple(str(a) for a in self._next["answers"])
+        return self._memo.get(key)
 
-    def store(self, answers: Sequence[tuple[Sample, str]]) -> None:
+    def store(self, answers: Sequence[tuple[Sample, Sequence[str]]]) -> None:
         """Append new answers (lines already in the file are not written again)."""
+        for s, a in answers:
+            self._remember(self.key(s), tuple(a))
         fresh = [(s, a) for s, a in answers if s.line > self._last_line]
-        append_lines(self.path, [{"line": s.line, "key": self.key(s), "answer": a} for s, a in fresh])
+        append_lines(self.path, [{"line": s.line, "key": self.key(s), "answers": list(a)} for s, a in fresh])
         if fresh:
             self._last_line = fresh[-1][0].line
 

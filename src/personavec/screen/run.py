@@ -38,6 +38,7 @@ from personavec.screen.records import (
     RECORDS_CSV_NAME,
     RECORDS_NAME,
     AnswerCache,
+    ResumePoint,
     append_lines,
     iter_jsonl,
     make_record,
@@ -154,10 +155,6 @@ def _batches(
 
     def make(samples: list[Sample]) -> ScreenBatch:
         answers = tuple(cache.lookup(s) for s in samples) if cache is not None else (None,) * len(samples)
-        if None in answers:
-            # Regenerate the whole batch, not its gaps: generation batches then hold the same prompts as
-            # in an uninterrupted run, so the (padding-sensitive) answers come out the same.
-            answers = (None,) * len(samples)
         return ScreenBatch((reading.valid - 1) // batch_size, tuple(samples), answers)
 
     for item in iter_samples(data):
@@ -219,7 +216,7 @@ def _score_stream(
         expected += 1
         batch = in_flight.pop(result.index)
         if cache is not None:
-            cache.store([(s, sc.own_answer or "") for s, sc in zip(batch.samples, result.scores)])
+            cache.store([(s, sc.own_answers or ()) for s, sc in zip(batch.samples, result.scores)])
         append_lines(records, [make_record(s, sc, primary) for s, sc in zip(batch.samples, result.scores)])
         totals.screened += len(batch.samples)
         totals.generated += result.generated
@@ -330,7 +327,7 @@ def screen(
     if not plan.cheap:
         cache = AnswerCache(
             folder / ANSWERS_NAME,
-            {"model": lm.info.fingerprint, "max_new_tokens": plan.max_new_tokens},
+            {"model": lm.info.fingerprint, **plan.generation()},
         )
     reading = _Reading()
     t_loop = time.perf_counter()
@@ -344,9 +341,37 @@ def screen(
         lambda done: on_progress(resume.kept + done) if on_progress is not None else None,
     )
     loop_s = time.perf_counter() - t_loop
-    if reading.valid < resume.kept:
+    _check_reading(reading, resume.kept, source, log)
+
+    scores = dataset_scores(
+        records, names, primary, cheap=plan.cheap, top_k=top_k, resamples=resamples, seed=seed
+    )
+    drop_info = _drop(source, folder, records, scores, drop_top, log) if drop_top is not None else None
+    traces = _traces(lm, source, plan, scores) if report else {}
+    records_to_csv(records, folder / RECORDS_CSV_NAME, names)
+    timing = _timing(plan, totals, time.perf_counter() - t_start, loop_s)
+    summary = {
+        "data": str(source),
+        **settings,
+        **_summary(lm, plan, scores, reading, resume, batch_size, primary),
+        "timing": timing,
+        "drop": drop_info,
+        "notes": _notes(plan, scores, timing),
+        "files": _files(folder, report),
+    }
+    write_json(folder / SUMMARY_NAME, summary)
+    if report:
+        from personavec.screen.report import write_screen_report
+
+        write_screen_report(folder, summary, scores, traces)
+    return ScreenResult(folder, summary, scores, traces)
+
+
+def _check_reading(reading: _Reading, kept: int, source: Path, log: Callable[[str], None]) -> None:
+    """Refuse data that shrank under a resumed run, or held no valid sample; count the skipped rows."""
+    if reading.valid < kept:
         raise PersonavecError(
-            f"records.jsonl holds {resume.kept} samples but the data has {reading.valid}: the data changed; "
+            f"records.jsonl holds {kept} samples but the data has {reading.valid}: the data changed; "
             "pass another --out"
         )
     if reading.valid == 0:
@@ -357,16 +382,18 @@ def screen(
     if reading.skipped > SHOWN_SKIPPED:
         log(f"skipped {reading.skipped} malformed rows in all")
 
-    scores = dataset_scores(
-        records, names, primary, cheap=plan.cheap, top_k=top_k, resamples=resamples, seed=seed
-    )
-    drop_info = _drop(source, folder, records, scores, drop_top, log) if drop_top is not None else None
-    traces = _traces(lm, source, plan, scores) if report else {}
-    records_to_csv(records, folder / RECORDS_CSV_NAME, names)
-    timing = _timing(plan, totals, time.perf_counter() - t_start, loop_s)
-    summary: dict[str, Any] = {
-        "data": str(source),
-        **settings,
+
+def _summary(
+    lm: LoadedModel,
+    plan: ScreenPlan,
+    scores: DatasetScores,
+    reading: _Reading,
+    resume: ResumePoint,
+    batch_size: int,
+    primary: str,
+) -> dict[str, Any]:
+    """The summary's description of the model, the rows read and each vector's dataset scores."""
+    return {
         "model": {"id": lm.info.id, "fingerprint": lm.info.fingerprint},
         "rank_by": primary,
         "batch_size": batch_size,
@@ -377,22 +404,16 @@ def screen(
         },
         "vectors": {v.name: {**v.describe(), **scores.vectors[v.name].to_dict()} for v in plan.vectors},
         "resumed": {"kept": resume.kept, "screened_again": resume.dropped},
-        "timing": timing,
-        "drop": drop_info,
-        "notes": _notes(plan, scores, timing),
-        "files": {
-            "records": str(records),
-            "records_csv": str(folder / RECORDS_CSV_NAME),
-            "summary": str(folder / SUMMARY_NAME),
-            "report": str(folder / "report.html") if report else None,
-        },
     }
-    write_json(folder / SUMMARY_NAME, summary)
-    if report:
-        from personavec.screen.report import write_screen_report
 
-        write_screen_report(folder, summary, scores, traces)
-    return ScreenResult(folder, summary, scores, traces)
+
+def _files(folder: Path, report: bool) -> dict[str, str | None]:
+    return {
+        "records": str(folder / RECORDS_NAME),
+        "records_csv": str(folder / RECORDS_CSV_NAME),
+        "summary": str(folder / SUMMARY_NAME),
+        "report": str(folder / "report.html") if report else None,
+    }
 
 
 def _drop(

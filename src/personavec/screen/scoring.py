@@ -5,11 +5,12 @@ no state, so an actor holding one model replica can call it on batches sent from
 driver (:func:`personavec.screen.run.screen`) writes what comes back. Everything it takes and returns
 (:class:`ScreenPlan`, :class:`ScreenBatch`, :class:`BatchResult`) is plain frozen data that pickles.
 
-Per batch: the model's own answers that the batch does not carry from the cache are generated (greedy,
-one ``generate`` call), then one capture pass reads the dataset conversations and the own-answer
-conversations together at every layer the vectors need, pooled two ways: the response-token mean and the
-last prompt token. The last prompt token is causal, so it sees only the prompt: it is the same whether the
-response follows or not, and the cheap stand-in costs nothing extra.
+Per batch: the model's own answers that the batch does not carry from the cache are generated (several
+sampled answers per distinct prompt, see :class:`ScreenPlan`), then one capture pass reads the dataset
+conversations and the own-answer conversations together at every layer the vectors need, pooled two
+ways: the response-token mean and the last prompt token. The last prompt token is causal, so it sees only
+the prompt: it is the same whether the response follows or not, and the cheap stand-in costs nothing
+extra.
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ from torch import Tensor
 
 from personavec.core.activations import capture_activations, last_prompt, response_mean
 from personavec.core.conversations import encode
+from personavec.core.errors import PersonavecError
 from personavec.core.generation import SamplingParams, generate
 from personavec.core.models import LoadedModel
 from personavec.core.steering import project
+from personavec.core.store import record_key
 from personavec.screen.samples import Sample
 from personavec.screen.vectors import ScreenVector
 
-OWN_FULL = "response_mean of the model's own greedy answer to the sample's prompt"
+OWN_GREEDY = "response_mean of the model's own greedy answer to the sample's prompt"
+OWN_SAMPLED = "mean response_mean of {k} own answers to the sample's prompt, sampled at temperature {t}"
 OWN_CHEAP = "last prompt token of the sample's prompt (Appendix I approximation, no generation)"
 
 
@@ -38,18 +42,26 @@ OWN_CHEAP = "last prompt token of the sample's prompt (Appendix I approximation,
 class ScreenPlan:
     """What to measure: the vectors and how the model's own answer is read.
 
+    One answer is a noisy stand-in for what the model would say: on the embedded model, the projections of
+    answers sampled for one prompt spread more (sd 6.2 for evil) than their means spread between prompts
+    (4.4), so the difference against a single answer mostly adds noise. The default therefore averages
+    several sampled answers per prompt (docs/results.md, "Screening training data").
+
     Attributes:
         vectors: The vectors, each with its layer and name.
         cheap: Stand in the last prompt token's projection for the own answer's (no generation).
+        own_samples: Own answers per prompt, sampled at ``temperature``; their mean projection is the
+            own projection. ``1`` reads the single greedy answer instead.
+        temperature: Sampling temperature of the own answers (with ``own_samples > 1``).
         max_new_tokens: Length cap of the model's own answers.
-        generation_batch_size: Prompts per ``generate`` call.
         capture_batch_size: Most conversations per capture forward pass.
     """
 
     vectors: tuple[ScreenVector, ...]
     cheap: bool = False
+    own_samples: int = 8
+    temperature: float = 1.0
     max_new_tokens: int = 64
-    generation_batch_size: int = 16
     capture_batch_size: int = 32
 
     def layers(self) -> list[int]:
@@ -60,12 +72,35 @@ class ScreenPlan:
         """The vectors' names, in order."""
         return [v.name for v in self.vectors]
 
+    def __post_init__(self) -> None:
+        if self.own_samples < 1:
+            raise PersonavecError(f"own_samples must be at least 1, got {self.own_samples}")
+        if self.own_samples > 1 and self.temperature <= 0:
+            raise PersonavecError(f"sampling {self.own_samples} own answers needs a temperature above 0")
+
+    def own_measure(self) -> str:
+        """What ``own_projection`` measures, in words (stored in the run's settings)."""
+        if self.cheap:
+            return OWN_CHEAP
+        if self.own_samples == 1:
+            return OWN_GREEDY
+        return OWN_SAMPLED.format(k=self.own_samples, t=self.temperature)
+
+    def generation(self) -> dict[str, object]:
+        """What the own answers depend on besides the model and the prompt (their cache key)."""
+        sampled = self.own_samples > 1
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "own_samples": self.own_samples,
+            "temperature": self.temperature if sampled else 0.0,
+        }
+
     def settings(self) -> dict[str, object]:
         """JSON-able settings that decide the records (a resumed run must share them): no file paths."""
         return {
             "mode": "cheap" if self.cheap else "full",
-            "own_measure": OWN_CHEAP if self.cheap else OWN_FULL,
-            "max_new_tokens": None if self.cheap else self.max_new_tokens,
+            "own_measure": self.own_measure(),
+            **({} if self.cheap else self.generation()),
             "vectors": [
                 {"name": v.name, "trait": v.vector.meta.trait, "layer": v.layer, "digest": v.digest()}
                 for v in self.vectors
@@ -80,13 +115,13 @@ class ScreenBatch:
     Attributes:
         index: 0-based batch number in the run (batches hold ``batch_size`` valid samples each).
         samples: The samples, in input order.
-        own_answers: Per sample, the model's own answer from the cache, or ``None`` to generate it
+        own_answers: Per sample, the model's own answers from the cache, or ``None`` to generate them
             (ignored in cheap mode).
     """
 
     index: int
     samples: tuple[Sample, ...]
-    own_answers: tuple[str | None, ...]
+    own_answers: tuple[tuple[str, ...] | None, ...]
 
 
 @dataclass(frozen=True)
@@ -95,7 +130,8 @@ class VectorScore:
 
     Attributes:
         projection: The dataset response's response-token mean, projected at the vector's layer.
-        own_projection: The same for the model's own answer (cheap mode: ``prompt_projection``).
+        own_projection: The same for the model's own answers, averaged over them (cheap mode:
+            ``prompt_projection``).
         projection_difference: ``projection - own_projection``.
         prompt_projection: The last prompt token's projection (the cheap stand-in, always measured).
     """
@@ -112,12 +148,12 @@ class SampleScore:
 
     Attributes:
         line: The sample's 1-based position in the input.
-        own_answer: The model's own answer (``None`` in cheap mode).
+        own_answers: The model's own answers (``None`` in cheap mode).
         vectors: Vector name -> :class:`VectorScore`.
     """
 
     line: int
-    own_answer: str | None
+    own_answers: tuple[str, ...] | None
     vectors: dict[str, VectorScore]
 
 
@@ -128,7 +164,7 @@ class BatchResult:
     Attributes:
         index: The batch's :attr:`ScreenBatch.index`.
         scores: One :class:`SampleScore` per sample, in the batch's order.
-        generated: Own answers generated here (the rest came from the cache).
+        generated: Samples whose own answers were generated here (the rest came from the cache).
         generation_seconds: Time spent generating own answers.
         capture_seconds: Time spent in the capture pass and the projections.
     """
@@ -144,11 +180,50 @@ class BatchResult:
 Scorer = Callable[[Iterable[ScreenBatch]], Iterator[BatchResult]]
 
 
-def own_answers(lm: LoadedModel, samples: Sequence[Sample], plan: ScreenPlan) -> list[str]:
-    """The model's own greedy answers to the samples' prompts (``max_new_tokens`` long at most)."""
-    params = SamplingParams(max_new_tokens=plan.max_new_tokens, temperature=0.0)
-    prompts = [s.prompt_messages() for s in samples]
-    return generate(lm, prompts, params, batch_size=plan.generation_batch_size)
+def prompt_seed(sample: Sample) -> int:
+    """A seed from the prompt's text alone, so that equal prompts get the same own answers anywhere."""
+    return int(record_key({"prompt": sample.prompt})[:8], 16)
+
+
+def own_answers(lm: LoadedModel, samples: Sequence[Sample], plan: ScreenPlan) -> list[tuple[str, ...]]:
+    """The model's own answers to the samples' prompts: ``plan.own_samples`` each (one greedy if 1).
+
+    Each distinct prompt is answered once, in a ``generate`` batch of its own (its ``own_samples``
+    copies, seeded from the prompt's text): no padding, and no neighbour, can change its answers, so they
+    are a function of the prompt and the plan alone, whatever batch, run or Ray worker makes them.
+    Samples that share a prompt share its answers.
+    """
+    k = plan.own_samples
+    distinct = list({s.prompt: s for s in samples}.values())
+    conversations = [s.prompt_messages() for s in distinct for _ in range(k)]
+    seeds = [prompt_seed(s) + j for s in distinct for j in range(k)]
+    temperature = plan.temperature if k > 1 else 0.0
+    params = SamplingParams(max_new_tokens=plan.max_new_tokens, temperature=temperature)
+    flat = generate(lm, conversations, params, seeds=seeds, batch_size=k)
+    by_prompt = {s.prompt: tuple(flat[i * k : (i + 1) * k]) for i, s in enumerate(distinct)}
+    return [by_prompt[s.prompt] for s in samples]
+
+
+def _own_answers(batch: ScreenBatch, lm: LoadedModel, plan: ScreenPlan) -> tuple[list[tuple[str, ...]], int]:
+    """The batch's own answers, from the cache where it has them; and how many samples needed new ones."""
+    own: list[tuple[str, ...] | None] = (
+        list(batch.own_answers) if batch.own_answers else [None] * len(batch.samples)
+    )
+    missing = [i for i, a in enumerate(own) if a is None]
+    if missing:
+        for i, answers in zip(missing, own_answers(lm, [batch.samples[i] for i in missing], plan)):
+            own[i] = answers
+    return [a for a in own if a is not None], len(missing)
+
+
+def _mean_by_owner(values: Tensor, owners: Sequence[int], n: int) -> list[float]:
+    """Per owner ``0..n-1``, the mean of its ``values`` (``nan`` for an owner with none)."""
+    sums = [0.0] * n
+    counts = [0] * n
+    for owner, value in zip(owners, values.tolist()):
+        sums[owner] += value
+        counts[owner] += 1
+    return [total / count if count else math.nan for total, count in zip(sums, counts)]
 
 
 def score_batch(lm: LoadedModel, batch: ScreenBatch, plan: ScreenPlan) -> BatchResult:
@@ -165,24 +240,19 @@ def score_batch(lm: LoadedModel, batch: ScreenBatch, plan: ScreenPlan) -> BatchR
     samples = batch.samples
     n = len(samples)
     t0 = time.perf_counter()
-    own: list[str | None] = [None] * n
+    own: list[tuple[str, ...]] = []
     generated = 0
     if not plan.cheap:
-        own = list(batch.own_answers) if batch.own_answers else [None] * n
-        missing = [i for i, a in enumerate(own) if a is None]
-        if missing:
-            for i, answer in zip(missing, own_answers(lm, [samples[i] for i in missing], plan)):
-                own[i] = answer
-            generated = len(missing)
+        own, generated = _own_answers(batch, lm, plan)
     t1 = time.perf_counter()
-    # An empty own answer has no tokens to average over: its reading is nan, not a silent zero.
-    own_rows = [i for i, a in enumerate(own) if a is not None and a.strip()]
-    conversations = [s.conversation() for s in samples] + [samples[i].conversation(own[i]) for i in own_rows]
-    layers = plan.layers()
+    # An empty own answer has no tokens to average over: it is left out, and a sample with no non-empty
+    # answer reads nan, not a silent zero.
+    owned = [(i, a) for i, answers in enumerate(own) for a in answers if a.strip()]
+    conversations = [s.conversation() for s in samples] + [samples[i].conversation(a) for i, a in owned]
     acts = capture_activations(
         lm,
         conversations,
-        layers=layers,
+        layers=plan.layers(),
         poolings=(response_mean, last_prompt),
         batch_size=plan.capture_batch_size,
     )
@@ -194,10 +264,7 @@ def score_batch(lm: LoadedModel, batch: ScreenBatch, plan: ScreenPlan) -> BatchR
         if plan.cheap:
             own_proj = list(prompt)
         else:
-            own_proj = [math.nan] * n
-            if own_rows:
-                for i, value in zip(own_rows, project(resp[n:], v.vector, v.layer).tolist()):
-                    own_proj[i] = value
+            own_proj = _mean_by_owner(project(resp[n:], v.vector, v.layer), [i for i, _ in owned], n)
         per_vector[v.name] = (projection, own_proj, prompt)
     scores = []
     for i, s in enumerate(samples):
