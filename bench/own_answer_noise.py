@@ -2,7 +2,7 @@
 
 For each ``TRAIT=VECTOR[@LAYER]`` (``TRAIT`` naming ``data/heldout/TRAIT.jsonl``: hand-written answers that
 show the trait or its opposite, two to each question), the embedded model answers every question ``K``
-times (sampled at temperature 1, 64 tokens) and once greedily. Reported per trait:
+times (sampled, 64 tokens; temperature 1 and top-p 1 unless given) and once greedily. Reported per trait:
 
 * the spread of one question's sampled answers' projections (within) against the spread of the
   questions' mean projections (between), and the greedy answers' spread;
@@ -11,7 +11,7 @@ times (sampled at temperature 1, 64 tokens) and once greedily. Reported per trai
   beside the greedy answer, the cheap stand-in (last prompt token) and the raw projection.
 
 Run: ``HF_HUB_OFFLINE=1 python bench/own_answer_noise.py evil=RUN/vector.safetensors humorous=... [--k 16]
-[--subsets 200] [--json OUT]``
+[--subsets 200] [--temperature 1.0 --top-p 1.0] [--json OUT]``
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ from personavec.screen.vectors import resolve_vectors
 HELDOUT = Path(__file__).parent / "data" / "heldout"
 
 
-def noise(lm: LoadedModel, trait: str, vector: str, k: int, subsets: int) -> dict[str, Any]:
+def noise(
+    lm: LoadedModel, trait: str, vector: str, k: int, subsets: int, sampling: SamplingParams
+) -> dict[str, Any]:
     """One trait's spreads and AUROC by number of averaged own answers."""
     (sv,) = resolve_vectors([vector], lm.info)
     rows = [json.loads(x) for x in (HELDOUT / f"{trait}.jsonl").read_text(encoding="utf-8").splitlines() if x]
     questions = list(dict.fromkeys(r["question"] for r in rows))
     ask = [[{"role": "user", "content": q}] for q in questions]
     greedy = generate(lm, ask, SamplingParams(64, 0.0))
-    sampled = generate(lm, [a for a in ask for _ in range(k)], SamplingParams(64, 1.0, 1.0, 7), batch_size=k)
+    sampled = generate(lm, [a for a in ask for _ in range(k)], sampling, batch_size=k)
     answers = [r["answer"] for r in rows] + greedy + sampled
     owners = [r["question"] for r in rows] + questions + [q for q in questions for _ in range(k)]
     convs = [
@@ -76,6 +78,8 @@ def main() -> None:
     ap.add_argument("vectors", nargs="+", help="TRAIT=VECTOR[@LAYER]")
     ap.add_argument("--k", type=int, default=16, help="Sampled answers per question.")
     ap.add_argument("--subsets", type=int, default=200, help="Random k-subsets averaged per k.")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -83,7 +87,9 @@ def main() -> None:
     results = []
     for item in args.vectors:
         trait, _, vector = item.partition("=")
-        r = noise(lm, trait, vector, args.k, args.subsets)
+        r = noise(
+            lm, trait, vector, args.k, args.subsets, SamplingParams(64, args.temperature, args.top_p, 7)
+        )
         results.append(r)
         a = r["auroc"]
         sampled = ", ".join(f"k={kk}: {v['mean']:.3f} (min {v['min']:.3f})" for kk, v in a["sampled"].items())

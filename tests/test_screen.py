@@ -549,11 +549,22 @@ def test_cli_screen_json_and_errors(tmp_path: Path) -> None:
     }
     assert doc["summary"]["vectors"]["evil"]["layer"] == 3 and (tmp_path / "o" / "filtered.jsonl").is_file()
     assert "samples/s" in res.stderr
-    full = [*args[:-1], str(tmp_path / "full"), "--own-samples", "3", "--max-new-tokens", "4", "--json"]
+    full = [
+        *args[:-1],
+        str(tmp_path / "full"),
+        "--own-samples",
+        "3",
+        "--own-temperature",
+        "0.5",
+        "--max-new-tokens",
+        "4",
+    ]
+    full.append("--json")
     res = CliRunner().invoke(app, full)
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["summary"]["own_measure"].startswith("mean response_mean of 3 own answers")
+    assert doc["summary"]["temperature"] == 0.5
     cached = [json.loads(x) for x in (tmp_path / "full" / "own_answers.jsonl").read_text().splitlines()]
     assert len(cached) == 12 and all(len(c["answers"]) == 3 for c in cached)
     other = tmp_path / "other.safetensors"

@@ -83,6 +83,10 @@ def test_projection_difference_ranks_cruel_answers_above_kind_ones(tmp_path: Pat
     assert auroc("projection_difference") >= 0.95
     top = [r["line"] for r in result.summary["vectors"]["evil"]["top"]]
     assert sum(labels[line] for line in top) >= 7  # the top half is (nearly) all cruel
-    # The model's own answers to the same prompts are not cruel: the dataset as a whole pulls toward it.
-    assert result.summary["vectors"]["evil"]["mean_projection_difference"] > 0
+    # Against the model's own answers to the same prompts, the cruel answers pull toward the trait and the
+    # kind ones away from it.
+    diffs = {
+        label: [r["projection_difference"] for r in records if labels[r["line"]] == label] for label in (0, 1)
+    }
+    assert sum(diffs[1]) > 0 > sum(diffs[0])
     assert (tmp_path / "out" / "report.html").stat().st_size > 10_000

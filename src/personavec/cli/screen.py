@@ -94,6 +94,12 @@ def screen_cmd(
         min=1,
         help="Own answers sampled per prompt and averaged (1: the single greedy answer; cheaper, noisier).",
     ),
+    own_temperature: float = typer.Option(
+        1.0,
+        "--own-temperature",
+        min=0.01,
+        help="Sampling temperature of the own answers (with --own-samples > 1).",
+    ),
     top: int = typer.Option(10, "--top", min=0, help="Top samples listed per vector."),
     use_ray: bool = typer.Option(
         False,
@@ -137,7 +143,13 @@ def screen_cmd(
                 highlight=False,
                 soft_wrap=True,
             )
-    plan = ScreenPlan(resolved, cheap=cheap, own_samples=own_samples, max_new_tokens=max_new_tokens)
+    plan = ScreenPlan(
+        resolved,
+        cheap=cheap,
+        own_samples=own_samples,
+        temperature=own_temperature,
+        max_new_tokens=max_new_tokens,
+    )
     folder = out_dir if out_dir is not None else default_out(data, cheap)
     columns = (
         TextColumn("screening"),

@@ -43,8 +43,8 @@ class ScreenPlan:
     """What to measure: the vectors and how the model's own answer is read.
 
     One answer is a noisy stand-in for what the model would say: on the embedded model, the projections of
-    answers sampled for one prompt spread more (sd 6.2 for evil) than their means spread between prompts
-    (4.4), so the difference against a single answer mostly adds noise. The default therefore averages
+    answers sampled for one prompt spread more (sd 6.1 for evil) than their means spread between prompts
+    (4.5), so the difference against a single answer mostly adds noise. The default therefore averages
     several sampled answers per prompt (docs/results.md, "Screening training data").
 
     Attributes:
@@ -245,9 +245,11 @@ def score_batch(lm: LoadedModel, batch: ScreenBatch, plan: ScreenPlan) -> BatchR
     if not plan.cheap:
         own, generated = _own_answers(batch, lm, plan)
     t1 = time.perf_counter()
-    # An empty own answer has no tokens to average over: it is left out, and a sample with no non-empty
-    # answer reads nan, not a silent zero.
-    owned = [(i, a) for i, answers in enumerate(own) for a in answers if a.strip()]
+    # Samples that share a prompt share its answers: each distinct prompt's answers are read once. An empty
+    # answer has no tokens to average over: it is left out, and a prompt with no non-empty answer reads
+    # nan, not a silent zero.
+    first = {s.prompt: i for i, s in reversed(list(enumerate(samples)))} if own else {}
+    owned = [(i, a) for i in sorted(first.values()) for a in own[i] if a.strip()]
     conversations = [s.conversation() for s in samples] + [samples[i].conversation(a) for i, a in owned]
     acts = capture_activations(
         lm,
@@ -264,7 +266,8 @@ def score_batch(lm: LoadedModel, batch: ScreenBatch, plan: ScreenPlan) -> BatchR
         if plan.cheap:
             own_proj = list(prompt)
         else:
-            own_proj = _mean_by_owner(project(resp[n:], v.vector, v.layer), [i for i, _ in owned], n)
+            by_first = _mean_by_owner(project(resp[n:], v.vector, v.layer), [i for i, _ in owned], n)
+            own_proj = [by_first[first[s.prompt]] for s in samples]
         per_vector[v.name] = (projection, own_proj, prompt)
     scores = []
     for i, s in enumerate(samples):
