@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from personavec.core.errors import PersonavecError
 
 if TYPE_CHECKING:
     from personavec.screen.distributed import RayOptions
+    from personavec.screen.vectors import ScreenVector
 
 
 class _RateColumn(ProgressColumn):
@@ -135,14 +137,7 @@ def screen_cmd(
     total = count_rows(data)  # also refuses a missing path or an unknown format before loading a model
     lm = load(model)
     resolved = resolve_vectors(vectors, lm.info)
-    for v in resolved:
-        if v.vector.meta.model_fingerprint != lm.info.fingerprint:
-            err.print(
-                f"warning: {v.path} was made on {v.vector.meta.model_id}, not on {lm.info.id} (same shape, "
-                "other weights): its projections may mean little here",
-                highlight=False,
-                soft_wrap=True,
-            )
+    _warn_other_weights(resolved, lm.info.id, lm.info.fingerprint)
     plan = ScreenPlan(
         resolved,
         cheap=cheap,
@@ -191,6 +186,18 @@ def screen_cmd(
     else:
         _print_tables(summary)
     _print_run(summary)
+
+
+def _warn_other_weights(resolved: Sequence[ScreenVector], model_id: str, fingerprint: str) -> None:
+    """Warn about vectors made on a model of the same shape but other weights."""
+    for v in resolved:
+        if v.vector.meta.model_fingerprint != fingerprint:
+            err.print(
+                f"warning: {v.path} was made on {v.vector.meta.model_id}, not on {model_id} (same shape, "
+                "other weights): its projections may mean little here",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _log(message: str) -> None:
