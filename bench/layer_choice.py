@@ -5,6 +5,8 @@ For each vector file, per layer ``l`` (1..L, our convention: output of block ``l
 * ``ladder``: Spearman between the level of a graded persona ladder (``bench/data/ladders.yaml``, 8
   persona system prompts from the trait's opposite to the trait) and the mean last-prompt projection
   at that level (averaged over the ladder's questions). This is what monitoring must get right.
+* ``ladder_check``: the same on a second ladder set written to check, never to choose
+  (``bench/data/ladders_check.yaml``: other wording, other questions).
 * ``handwritten``: AUROC of hand-written answers that show the trait vs its opposite
   (``bench/data/heldout/TRAIT.jsonl``, read as question + answer, response-mean projection), when a
   file for the trait exists.
@@ -67,22 +69,27 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    spec = yaml.safe_load((DATA / "ladders.yaml").read_text())
+    ladder_sets = {
+        name: yaml.safe_load((DATA / file).read_text())
+        for name, file in (("ladder", "ladders.yaml"), ("ladder_check", "ladders_check.yaml"))
+    }
     lm = load_model(args.model)
     out: dict[str, Any] = {}
     for path in args.vectors:
         v = PersonaVector.load(path)
         trait = v.meta.trait
         res: dict[str, Any] = {"trait": trait, "recommended_layer": v.meta.extra.get("recommended_layer")}
-        if trait in spec["ladders"]:
-            res["ladder"] = ladder_scores(lm, v, spec["ladders"][trait], spec["questions"])
+        for name, spec in ladder_sets.items():
+            if trait in spec["ladders"]:
+                res[name] = ladder_scores(lm, v, spec["ladders"][trait], spec["questions"])
         hw = DATA / "heldout" / f"{trait}.jsonl"
         if hw.exists():
             res["handwritten"] = handwritten_scores(lm, v, hw)
         summary_path = path.parent / "summary.json"
         if summary_path.exists():
             s = json.loads(summary_path.read_text())
-            ev = s["evaluation"]["response_mean"]
+            evaluation = s["evaluation"]
+            ev = evaluation["persona" if v.meta.method == "persona" else v.meta.pooling]
             res["heldout_auroc"], res["heldout_d"] = ev["auroc"], ev["effect_size"]
             for name, series in (s.get("layer_choice") or {}).get("scores", {}).items():
                 res[f"choice:{name}"] = series
@@ -99,6 +106,8 @@ def main() -> None:
                 + " ".join(f"{(x if x is not None else float('nan')):12.3f}" for x in vals)
                 + mark
             )
+        at = {n: round(res[n][rec - 1], 3) for n in names if rec and res[n][rec - 1] is not None}
+        print(f"at the recommended layer {rec}: {json.dumps(at)}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 

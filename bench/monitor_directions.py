@@ -1,13 +1,18 @@
-"""Which direction orders a graded persona ladder best at the last prompt token? (issue #12 evidence)
+"""Which direction orders graded persona ladders best at the last prompt token? (issue #12 evidence)
 
-For each extraction run folder, per layer 12..27 and at the recommended layer: ladder Spearman
-(``data/ladders.yaml``) and hand-written AUROC (``data/heldout/TRAIT.jsonl``) of
+For each extraction run folder, per layer and at the layer each direction's own rule would pick
+(largest smoothed held-out last-prompt separation, layers 40-90 % of the depth): Spearman on both
+ladder sets (``data/ladders.yaml``, used while choosing; ``data/ladders_check.yaml``, written to
+check), hand-written AUROC (``data/heldout/TRAIT.jsonl``) and held-out answer AUROC (the run's own
+held-out answers and labels), for
 
-* ``R``: the run's response-mean vector (the vector file);
-* ``P``: spec eliciting minus suppressing prompts, mean last-prompt activation over the extraction
-  questions (no generation);
-* ``R+P``: the mean of the two after normalising each layer's row;
-* ``LP``: the run's last-prompt vector of the kept answers (``vector_last_prompt.safetensors``).
+* ``R``: the paper's response-mean vector (``vector_response_mean.safetensors``, or ``vector.safetensors``
+  in runs made before it was split out);
+* ``P``: the spec's eliciting minus suppressing prompts, mean last-prompt activation over the
+  extraction questions (no generation);
+* ``R+P``: the mean of the two unit directions;
+* ``X-I``: each of them made orthogonal to persona intensity (both prompts' mean minus plain assistant
+  prompts); ``R+P-I`` is what the pipeline now saves as ``vector.safetensors``.
 
 Run: ``HF_HUB_OFFLINE=1 python bench/monitor_directions.py RUN_DIR... [--json OUT]``
 """
@@ -21,34 +26,57 @@ from typing import Any
 
 import torch
 import yaml
+from torch import Tensor
 
 from personavec.core.activations import capture_activations, last_prompt, response_mean
-from personavec.core.models import load_model
+from personavec.core.models import LoadedModel, load_model
+from personavec.core.store import JsonlStore
 from personavec.core.vectors import PersonaVector
-from personavec.extract.extraction import auroc
+from personavec.extract.extraction import auroc, cohens_d, prompt_contrast
+from personavec.extract.filtering import Thresholds
+from personavec.extract.layer_choice import default_candidates, smooth
+from personavec.extract.pipeline import heldout_groups
+from personavec.extract.responses import ResponseRow
 from personavec.steer.sweep import spearman
 from personavec.traits.spec import load_spec_file
 
 DATA = Path(__file__).parent / "data"
+LADDERS = {"ladder": "ladders.yaml", "check": "ladders_check.yaml"}
 
 
-def unit(x: torch.Tensor) -> torch.Tensor:
+def unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-9)
 
 
-def directions(lm: Any, run: Path) -> dict[str, torch.Tensor]:
+def without(u: Tensor, i: Tensor) -> Tensor:
+    i = unit(i)
+    return unit(u - (u * i).sum(-1, keepdim=True) * i)
+
+
+def directions(lm: LoadedModel, run: Path) -> dict[str, Tensor]:
     spec = load_spec_file(run / "trait.yaml")
-    convs = [
-        [{"role": "system", "content": s}, {"role": "user", "content": q}]
-        for p in spec.pairs
-        for q in spec.extraction_questions
-        for s in (p.positive, p.negative)
-    ]
-    acts = capture_activations(lm, convs, poolings=[last_prompt])["last_prompt"]
-    r = unit(PersonaVector.load(run / "vector.safetensors").data)
-    p = unit(acts[0::2].mean(0) - acts[1::2].mean(0))
-    lp = unit(PersonaVector.load(run / "vector_last_prompt.safetensors").data)
-    return {"R": r, "P": p, "R+P": unit(r + p), "LP": lp}
+    paper = run / "vector_response_mean.safetensors"
+    r = unit(PersonaVector.load(paper if paper.exists() else run / "vector.safetensors").data)
+    pc = prompt_contrast(lm, [(p.positive, p.negative) for p in spec.pairs], spec.extraction_questions)
+    p = unit(pc.contrast)
+    base = {"R": r, "P": p, "R+P": unit(r + p)}
+    return {**base, **{f"{k}-I": without(u, pc.intensity) for k, u in base.items()}}
+
+
+def heldout(run: Path) -> tuple[list[list[dict[str, str]]], Tensor, list[list[dict[str, str]]], Tensor]:
+    """The run's held-out answers labelled as the pipeline labels them, and their prompts by polarity."""
+    records = JsonlStore(run / "responses.jsonl").records()
+    rows = [ResponseRow(**{f: r[f] for f in ResponseRow.__dataclass_fields__}) for r in records]
+    rows = [r for r in rows if r.split == "evaluation"]
+    scores: dict[str, dict[str, float | None]] = {"trait": {}, "coherence": {}}
+    for s in JsonlStore(run / "scores.jsonl").records():
+        scores.setdefault(s["kind"], {})[s["response_key"]] = s["score"]
+    t = Thresholds(**json.loads((run / "summary.json").read_text())["config"]["thresholds"])
+    pos, neg, _ = heldout_groups(rows, scores["trait"], scores["coherence"], t)
+    answers = [r.conversation(with_system=False) for r in [*pos, *neg]]
+    labels = torch.tensor([1] * len(pos) + [0] * len(neg))
+    polarity = torch.tensor([int(r.polarity == "pos") for r in rows])
+    return answers, labels, [r.conversation()[:-1] for r in rows], polarity
 
 
 def main() -> None:
@@ -57,52 +85,61 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     lm = load_model()
-    ladders = yaml.safe_load((DATA / "ladders.yaml").read_text())
-    n_layers = lm.info.n_blocks
+    n = lm.info.n_blocks
+    ladders = {k: yaml.safe_load((DATA / f).read_text()) for k, f in LADDERS.items()}
     out: dict[str, Any] = {}
     for run in args.runs:
-        spec = load_spec_file(run / "trait.yaml")
-        rec = PersonaVector.load(run / "vector.safetensors").require_recommended_layer()
-        ladder = ladders["ladders"].get(spec.name)
-        hw = DATA / "heldout" / f"{spec.name}.jsonl"
-        la = ha = labels = None
-        if ladder:
-            convs = [[{"role": "system", "content": s}, {"role": "user", "content": q}]
-                     for s in ladder for q in ladders["questions"]]  # fmt: skip
-            la = capture_activations(lm, convs, poolings=[last_prompt])["last_prompt"]
+        name = load_spec_file(run / "trait.yaml").name
+        acts: dict[str, tuple[Tensor, Tensor]] = {}
+        for key, lad in ladders.items():
+            if name in lad["ladders"]:
+                levels = lad["ladders"][name]
+                convs = [[{"role": "system", "content": s}, {"role": "user", "content": q}]
+                         for s in levels for q in lad["questions"]]  # fmt: skip
+                lp = capture_activations(lm, convs, poolings=[last_prompt])["last_prompt"]
+                acts[key] = (lp, torch.tensor([float(len(levels))]))
+        hw = DATA / "heldout" / f"{name}.jsonl"
         if hw.exists():
             rows = [json.loads(x) for x in hw.read_text().splitlines() if x.strip()]
             convs = [
                 [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
-                for r in rows
-            ]
-            ha = capture_activations(lm, convs, poolings=[response_mean])["response_mean"]
-            labels = torch.tensor([int(r["label"]) for r in rows])
-        res: dict[str, Any] = {"recommended_layer": rec}
-        print(f"\n{run} ({spec.name}), recommended layer {rec}; columns: layers 12..27")
-        for name, u in directions(lm, run).items():
-            if la is not None:
-                means = torch.einsum("nld,ld->nl", la, u).view(len(ladder), -1, n_layers + 1).mean(1)
-                lad = [
-                    spearman(list(range(len(ladder))), means[:, k].tolist()) or 0.0
-                    for k in range(1, n_layers + 1)
-                ]
-                res[f"{name}:ladder"] = lad
-                print(
-                    f"  {name:4s} ladder @rec {lad[rec - 1]:5.2f} | "
-                    + " ".join(f"{x:4.2f}" for x in lad[11:27])
-                )
-            if ha is not None and labels is not None:
-                proj = torch.einsum("nld,ld->nl", ha, u)
-                hwa = [auroc(proj[:, k], labels) for k in range(1, n_layers + 1)]
-                res[f"{name}:handwritten"] = hwa
-                print(
-                    f"  {name:4s} hw     @rec {hwa[rec - 1]:5.2f} | "
-                    + " ".join(f"{x:4.2f}" for x in hwa[11:27])
-                )
+                     for r in rows]  # fmt: skip
+            acts["handwritten"] = (
+                capture_activations(lm, convs, poolings=[response_mean])["response_mean"],
+                torch.tensor([int(r["label"]) for r in rows]),
+            )
+        answers, labels, prompts, pol = heldout(run)
+        if len(labels):
+            acts["heldout"] = (
+                capture_activations(lm, answers, poolings=[response_mean])["response_mean"],
+                labels,
+            )
+        prompt_acts = capture_activations(lm, prompts, poolings=[last_prompt])["last_prompt"]
+        res: dict[str, Any] = {}
+        print(f"\n{run} ({name}): value at the layer the rule picks for each direction [layer]")
+        for dname, u in directions(lm, run).items():
+            series: dict[str, list[float]] = {}
+            for key, (a, lab) in acts.items():
+                proj = torch.einsum("nld,ld->nl", a, u)
+                if key in LADDERS:
+                    k = int(lab.item())
+                    means = proj.view(k, -1, n + 1).mean(1)
+                    series[key] = [
+                        spearman(list(range(k)), means[:, i].tolist()) or 0.0 for i in range(1, n + 1)
+                    ]
+                else:
+                    series[key] = [auroc(proj[:, i], lab) for i in range(1, n + 1)]
+            sep = torch.einsum("nld,ld->nl", prompt_acts, u)
+            d = smooth([cohens_d(sep[:, i], pol) for i in range(1, n + 1)])
+            layer = max(default_candidates(n), key=lambda c: d[c - 1] or float("-inf"))
+            res[dname] = {"layer": layer, **series}
+            print(
+                f"  {dname:6s} [{layer:2d}] "
+                + "  ".join(f"{k} {v[layer - 1]:.2f}" for k, v in series.items())
+            )
         out[str(run)] = res
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -210,7 +210,12 @@ def test_run_extraction_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert s["counts"]["kept_pos"] + s["counts"]["kept_neg"] > 0
     assert s["recommended_layer"] in (1, 2)
     saved = PersonaVector.load(tmp_path / "run" / "vector.safetensors")
-    assert saved.data.shape == (4, 32) and saved.meta.pooling == "response_mean"
+    assert saved.data.shape == (4, 32) and saved.meta.method == "persona"
+    # The main vector keeps the paper's vector's length per layer; the paper's vector is saved beside it.
+    paper = PersonaVector.load(tmp_path / "run" / "vector_response_mean.safetensors")
+    assert paper.meta.pooling == "response_mean" and paper.meta.method == "mean_diff"
+    torch.testing.assert_close(saved.norms(), paper.norms(), atol=1e-4, rtol=1e-4)
+    assert set(s["evaluation"]) == {"persona", "response_mean", "prompt_mean", "last_prompt"}
     assert (
         saved.meta.extra["trait_hash"] == spec.hash
         and saved.meta.extra["recommended_layer"] == s["recommended_layer"]
@@ -233,6 +238,7 @@ def test_run_extraction_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     )
     assert judge.calls == calls
     assert torch.equal(again.vectors["response_mean"].data, result.vectors["response_mean"].data)
+    assert torch.equal(again.vectors["persona"].data, result.vectors["persona"].data)
 
 
 def test_too_few_survivors_is_a_clear_error(tmp_path: Path) -> None:

@@ -175,7 +175,7 @@ def summary_table(summary: dict[str, Any], title: str, run_dir: Path) -> Table:
         "held-out AUROC / effect size there",
         f"{summary['recommended_layer_auroc']:.3f} / {summary['recommended_layer_effect_size']:.2f}",
     )
-    table.add_row("held-out labels", summary["evaluation"]["response_mean"]["labels"])
+    table.add_row("held-out labels", summary["evaluation"]["persona"]["labels"])
     quality = summary["quality"]
     table.add_row("quality", quality["level"])
     for warning in quality["warnings"]:

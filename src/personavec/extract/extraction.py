@@ -1,7 +1,10 @@
 """The pipeline's extraction and evaluation steps: difference of means, and how well each layer separates.
 
 Extraction averages activations over the kept answers (three poolings, as the paper compares them) and
-takes the per-layer difference of means. Evaluation re-reads held-out answers *without their system
+takes the per-layer difference of means. The run's main vector (:func:`persona_direction`) adds what
+monitoring reads: the same contrast at the last prompt token, where a persona prompt has been read but no
+answer written, with the direction every strong persona prompt shares removed (see the function for
+why). Evaluation re-reads held-out answers *without their system
 prompt* (question and answer only), so a vector is credited for what the answer says, not for the
 prompt the model was given, and measures per layer how well the projection separates answers that show
 the trait from answers that do not (AUROC and Cohen's d).
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from personavec.core.activations import DEFAULT_POOLINGS, capture_activations, response_mean
+from personavec.core.activations import DEFAULT_POOLINGS, capture_activations, last_prompt, response_mean
 from personavec.core.errors import PersonavecError
 from personavec.core.models import LoadedModel
 from personavec.core.vectors import PersonaVector, VectorMeta, mean_difference
@@ -74,6 +77,99 @@ def extract_vector(
         )
         vectors[pooling] = mean_difference(acts[pooling][:n_pos], acts[pooling][n_pos:], meta)
     return vectors
+
+
+# Plain assistant prompts: the reference point that a persona prompt's "strength" is measured from.
+NEUTRAL_SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are an AI assistant.",
+    "You are a chatbot that answers questions.",
+)
+
+
+@dataclass(frozen=True)
+class PromptContrast:
+    """Mean last-prompt activations of a spec's prompts, per layer ``0..L`` (each ``[L + 1, d]``).
+
+    Attributes:
+        contrast: Trait-eliciting minus suppressing system prompts.
+        intensity: The mean of both minus plain assistant prompts: what any strong persona adds.
+        n_prompts: Conversations read per polarity.
+    """
+
+    contrast: Tensor
+    intensity: Tensor
+    n_prompts: int
+
+
+def prompt_contrast(
+    lm: LoadedModel,
+    pairs: Sequence[tuple[str, str]],
+    questions: Sequence[str],
+    *,
+    neutral: Sequence[str] = NEUTRAL_SYSTEM_PROMPTS,
+    batch_size: int = 16,
+) -> PromptContrast:
+    """Read every (eliciting, suppressing, neutral) system prompt x question at the last prompt token.
+
+    No answers are generated: one forward pass per prompt.
+
+    Args:
+        lm: The target model.
+        pairs: (trait-eliciting, suppressing) system prompts.
+        questions: User questions to put under each prompt.
+        neutral: Plain assistant system prompts.
+        batch_size: Conversations per forward pass.
+
+    Returns:
+        The contrast and intensity directions (unnormalised).
+
+    Raises:
+        PersonavecError: If there are no pairs, questions or neutral prompts.
+    """
+    if not pairs or not questions or not neutral:
+        raise PersonavecError("prompt contrast needs at least one pair, one question and one neutral prompt")
+
+    def read(systems: Sequence[str]) -> Tensor:
+        convs = [
+            [{"role": "system", "content": s}, {"role": "user", "content": q}]
+            for s in systems
+            for q in questions
+        ]
+        acts = capture_activations(lm, convs, poolings=[last_prompt], batch_size=batch_size)["last_prompt"]
+        return acts.mean(0)
+
+    pos, neg = read([p for p, _ in pairs]), read([n for _, n in pairs])
+    return PromptContrast(pos - neg, (pos + neg) / 2 - read(neutral), len(pairs) * len(questions))
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def persona_direction(response: PersonaVector, prompts: PromptContrast) -> PersonaVector:
+    """The run's main vector: response and last-prompt contrasts together, persona intensity removed.
+
+    Per layer: the mean of the unit response-mean vector (the paper's) and the unit last-prompt contrast,
+    made orthogonal to the unit intensity direction, and scaled back to the response-mean vector's norm
+    (so a steering coefficient means what it meant for the paper's vector). Why: monitoring reads the
+    last prompt token, where the response-mean vector alone also rises with *any* vivid persona, so
+    on a graded ladder of persona prompts the most saintly persona projected like a mildly selfish one;
+    the prompt contrast is what that token carries, and removing the shared intensity leaves the trait's
+    side of it. Measured in ``docs/results.md`` ("Layer choice").
+
+    Args:
+        response: The response-mean difference of means.
+        prompts: :func:`prompt_contrast` of the same spec's prompts.
+
+    Returns:
+        The vector, ``method="persona"``.
+    """
+    both = _unit_rows(_unit_rows(response.data) + _unit_rows(prompts.contrast.to(response.data)))
+    i = _unit_rows(prompts.intensity.to(response.data))
+    ortho = _unit_rows(both - (both * i).sum(-1, keepdim=True) * i)
+    meta = response.meta.replace(method="persona", pooling="response_mean+last_prompt")
+    return PersonaVector(ortho * response.norms().unsqueeze(-1), meta)
 
 
 def auroc(scores: Tensor, labels: Tensor) -> float:

@@ -6,6 +6,10 @@ the trait separates them; a graded ladder of persona prompts then did not order 
 (Spearman -0.17 at layer 4 against 0.74-0.79 at 15-25). What monitoring needs is a layer where the
 *persona a prompt sets up* is already visible at the last prompt token, before the answer starts.
 
+The vector the rule reads is the run's main vector (the answers' difference of means joined with the
+prompts' last-token contrast, minus persona intensity: ``extraction.persona_direction``), so the layer
+and the direction are chosen for the same use.
+
 The rule (:func:`choose_layer`): candidates are the middle-to-late blocks (40-90 % of the depth by
 default: the first blocks carry wording rather than traits, where new traits even read reversed, and
 the last ones prepare the next token; the paper's best layers sit at about 70 %). Re-read the held-out
@@ -119,7 +123,7 @@ def choose_layer(
     """Apply the rule: the candidate layer where the prompts' personas separate most along the vector.
 
     Args:
-        evaluation: Held-out answer evaluation of the vector (response-mean pooling), recorded beside.
+        evaluation: Held-out answer evaluation of the vector, recorded beside.
         separation: :func:`prompt_separation` of the vector, per layer ``1..L``.
         candidates: Layers the choice may pick from (default :func:`default_candidates`).
 

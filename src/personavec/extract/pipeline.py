@@ -24,7 +24,14 @@ from personavec.core.generation import SamplingParams
 from personavec.core.models import LoadedModel
 from personavec.core.store import JsonlStore, write_json
 from personavec.core.vectors import PersonaVector
-from personavec.extract.extraction import LayerEvaluation, evaluate_layers, extract_vector
+from personavec.extract.extraction import (
+    NEUTRAL_SYSTEM_PROMPTS,
+    LayerEvaluation,
+    evaluate_layers,
+    extract_vector,
+    persona_direction,
+    prompt_contrast,
+)
 from personavec.extract.filtering import (
     Filter,
     FilterResult,
@@ -39,6 +46,9 @@ from personavec.extract.layer_choice import LayerChoice, choose_layer, prompt_se
 from personavec.extract.responses import ResponseRow, generate_responses
 from personavec.monitor.monitoring import calibrate
 from personavec.traits.spec import TraitSpec
+
+# The run's main vector (``vector.safetensors``); the three poolings are saved beside it.
+MAIN = "persona"
 
 # A progress factory: given a stage label and its total, returns the callback that advances it.
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -105,7 +115,7 @@ def _noop_progress(_label: str, _total: int) -> Callable[[int], None]:
     return lambda _n: None
 
 
-def _heldout_groups(
+def heldout_groups(
     rows: Sequence[ResponseRow], trait: Scores, coherence: Scores, t: Thresholds
 ) -> tuple[list[ResponseRow], list[ResponseRow], str]:
     """Held-out answers to separate: judge-confirmed if there are enough, else by prompt polarity."""
@@ -188,7 +198,7 @@ def assess_quality(kept: FilterResult, evaluation: LayerEvaluation, layer: int) 
 
     Args:
         kept: The filtering result the vector was made from.
-        evaluation: Held-out evaluation of the response-mean vector.
+        evaluation: Held-out evaluation of the main vector.
         layer: The recommended layer.
 
     Returns:
@@ -231,6 +241,37 @@ def assess_quality(kept: FilterResult, evaluation: LayerEvaluation, layer: int) 
     }
 
 
+def make_vectors(
+    lm: LoadedModel,
+    spec: TraitSpec,
+    kept: FilterResult,
+    extra: dict[str, Any],
+    cfg: RunConfig,
+    bar: ProgressFactory,
+) -> dict[str, PersonaVector]:
+    """Step 3: the three poolings' difference of means, and the main vector built from them.
+
+    The main vector (``persona``, saved as ``vector.safetensors``) is the response-mean vector joined
+    with the spec prompts' last-prompt contrast, minus persona intensity
+    (:func:`~personavec.extract.extraction.persona_direction`); it costs one forward pass per
+    (prompt, extraction question) and three plain prompts per question, with no generation.
+    """
+    n_pairs, n_q, _ = _plan_sizes(spec, cfg)
+    vectors = extract_vector(
+        lm, kept.positive, kept.negative, trait=spec.name, extra=extra, batch_size=cfg.batch_size,
+        on_progress=bar("capturing activations", len(kept.positive) + len(kept.negative)),
+    )  # fmt: skip
+    pairs = [(p.positive, p.negative) for p in spec.pairs[:n_pairs]]
+    prompts = prompt_contrast(lm, pairs, spec.extraction_questions[:n_q], batch_size=cfg.batch_size)
+    main = persona_direction(vectors["response_mean"], prompts)
+    direction = {
+        "direction": "response_mean + spec prompts' last-prompt contrast, orthogonal to persona intensity",
+        "prompt_contrast_prompts": prompts.n_prompts,
+        "neutral_system_prompts": list(NEUTRAL_SYSTEM_PROMPTS),
+    }
+    return {MAIN: main.with_meta(extra={**main.meta.extra, **direction}), **vectors}
+
+
 def save_vectors(
     lm: LoadedModel,
     out: Path,
@@ -242,7 +283,7 @@ def save_vectors(
     """Step 5: record the recommendation in each vector, calibrate the main one, and write the files."""
     files: dict[str, str] = {}
     for pooling, vector in vectors.items():
-        name = "vector.safetensors" if pooling == "response_mean" else f"vector_{pooling}.safetensors"
+        name = "vector.safetensors" if pooling == MAIN else f"vector_{pooling}.safetensors"
         ev = evaluation[pooling]
         best = {
             "recommended_layer": choice.layer,
@@ -252,7 +293,7 @@ def save_vectors(
             "best_layer_for_this_pooling": ev.best_layer,
         }
         vectors[pooling] = vector.with_meta(extra={**vector.meta.extra, **best})
-        if pooling == "response_mean":
+        if pooling == MAIN:
             # Monitoring reports z-scores and percentiles against neutral prompts; measuring them now
             # costs one forward pass over the built-in neutral prompts.
             vectors[pooling] = calibrate(lm, vectors[pooling], batch_size=batch_size)
@@ -274,7 +315,8 @@ def run_extraction(
     """Run the whole pipeline for one trait and write the run folder.
 
     The folder gets ``trait.yaml`` (the spec used), ``responses.jsonl`` and ``scores.jsonl`` (resumable
-    caches), ``vector.safetensors`` (response-mean pooling), ``vector_prompt_mean.safetensors``,
+    caches), ``vector.safetensors`` (the main vector, see :func:`make_vectors`),
+    ``vector_response_mean.safetensors`` (the paper's vector), ``vector_prompt_mean.safetensors``,
     ``vector_last_prompt.safetensors``, and ``summary.json``.
 
     Args:
@@ -319,17 +361,12 @@ def run_extraction(
         "rollouts": cfg.rollouts,
     }
     with timer("capture"):
-        n_kept = len(kept.positive) + len(kept.negative)
-        vectors = extract_vector(
-            lm, kept.positive, kept.negative, trait=spec.name, extra=extra, batch_size=cfg.batch_size,
-            on_progress=bar("capturing activations", n_kept),
-        )  # fmt: skip
+        vectors = make_vectors(lm, spec, kept, extra, cfg, bar)
     with timer("evaluate"):
-        pos, neg, labels = _heldout_groups(eval_rows, trait_scores, coh_scores, cfg.thresholds)
+        pos, neg, labels = heldout_groups(eval_rows, trait_scores, coh_scores, cfg.thresholds)
         evaluation = evaluate_layers(lm, vectors, pos, neg, labels=labels, batch_size=cfg.batch_size)
-        main = vectors["response_mean"]
-        separation = prompt_separation(lm, main, eval_rows, batch_size=cfg.batch_size)
-        choice = choose_layer(evaluation["response_mean"], separation, cfg.candidate_layers)
+        separation = prompt_separation(lm, vectors[MAIN], eval_rows, batch_size=cfg.batch_size)
+        choice = choose_layer(evaluation[MAIN], separation, cfg.candidate_layers)
     files = save_vectors(lm, out, vectors, evaluation, choice, cfg.batch_size)
     summary = _summary(lm, spec, cfg, trait_judge, coherence_judge, rows, eval_rows, kept, evaluation, choice)
     summary.update(files=files, timings_s=timer.timings, score_methods=score_methods_by_kind(scores))
@@ -355,7 +392,7 @@ def _summary(
     evaluation: dict[str, LayerEvaluation],
     choice: LayerChoice,
 ) -> dict[str, Any]:
-    main = evaluation["response_mean"]
+    main = evaluation[MAIN]
     layer = choice.layer
     config = {k: v for k, v in asdict(cfg).items() if k != "filter"}
     return {
