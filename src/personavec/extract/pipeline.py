@@ -2,7 +2,8 @@
 
 Each step is a public function of its own module (``traits.build_artifacts``,
 ``extract.responses.generate_responses``, ``judging.run.judge_responses``,
-``extract.filtering.filter_responses``, ``extract.extraction.extract_vector``), so a researcher can swap
+``extract.filtering.filter_responses``, ``extract.extraction.extract_vector`` and
+``persona_direction``), so a researcher can swap
 any of them; :func:`run_extraction` only wires them together and writes the run folder. Generation and
 judging are cached in JSONL stores in that folder, so rerunning the same command after a crash resumes
 where it stopped.
