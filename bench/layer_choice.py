@@ -32,6 +32,7 @@ from personavec.core.activations import capture_activations, last_prompt, respon
 from personavec.core.models import load_model
 from personavec.core.vectors import PersonaVector
 from personavec.extract.extraction import auroc
+from personavec.extract.pipeline import MAIN
 from personavec.steer.sweep import spearman
 
 DATA = Path(__file__).parent / "data"
@@ -89,7 +90,7 @@ def main() -> None:
         if summary_path.exists():
             s = json.loads(summary_path.read_text())
             evaluation = s["evaluation"]
-            ev = evaluation["persona" if v.meta.method == "persona" else v.meta.pooling]
+            ev = evaluation[MAIN if v.meta.method == "persona" else v.meta.pooling]
             res["heldout_auroc"], res["heldout_d"] = ev["auroc"], ev["effect_size"]
             for name, series in (s.get("layer_choice") or {}).get("scores", {}).items():
                 res[f"choice:{name}"] = series

@@ -32,7 +32,7 @@ from personavec.core.activations import capture_activations, last_prompt, respon
 from personavec.core.models import LoadedModel, load_model
 from personavec.core.store import JsonlStore
 from personavec.core.vectors import PersonaVector
-from personavec.extract.extraction import auroc, cohens_d, prompt_contrast
+from personavec.extract.extraction import auroc, cohens_d, persona_direction, prompt_contrast
 from personavec.extract.filtering import Thresholds
 from personavec.extract.layer_choice import default_candidates, smooth
 from personavec.extract.pipeline import heldout_groups
@@ -56,11 +56,13 @@ def without(u: Tensor, i: Tensor) -> Tensor:
 def directions(lm: LoadedModel, run: Path) -> dict[str, Tensor]:
     spec = load_spec_file(run / "trait.yaml")
     paper = run / "vector_response_mean.safetensors"
-    r = unit(PersonaVector.load(paper if paper.exists() else run / "vector.safetensors").data)
+    response = PersonaVector.load(paper if paper.exists() else run / "vector.safetensors")
     pc = prompt_contrast(lm, [(p.positive, p.negative) for p in spec.pairs], spec.extraction_questions)
-    p = unit(pc.contrast)
+    r, p = unit(response.data), unit(pc.contrast)
     base = {"R": r, "P": p, "R+P": unit(r + p)}
-    return {**base, **{f"{k}-I": without(u, pc.intensity) for k, u in base.items()}}
+    others = {f"{k}-I": without(u, pc.intensity) for k, u in base.items() if k != "R+P"}
+    # R+P-I is the pipeline's own function, so this measures exactly what runs save.
+    return {**base, **others, "R+P-I": unit(persona_direction(response, pc).data)}
 
 
 def heldout(run: Path) -> tuple[list[list[dict[str, str]]], Tensor, list[list[dict[str, str]]], Tensor]:

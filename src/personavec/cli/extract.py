@@ -157,6 +157,8 @@ def extract(
 
 def summary_table(summary: dict[str, Any], title: str, run_dir: Path) -> Table:
     """The extraction summary as the table ``extract`` prints (counts, layer, quality, warnings)."""
+    from personavec.extract.pipeline import MAIN  # imported here: the CLI starts without torch
+
     counts = summary["counts"]
     table = Table(title=title, show_header=False)
     table.add_row("run folder", str(run_dir))
@@ -175,7 +177,7 @@ def summary_table(summary: dict[str, Any], title: str, run_dir: Path) -> Table:
         "held-out AUROC / effect size there",
         f"{summary['recommended_layer_auroc']:.3f} / {summary['recommended_layer_effect_size']:.2f}",
     )
-    table.add_row("held-out labels", summary["evaluation"]["persona"]["labels"])
+    table.add_row("held-out labels", summary["evaluation"][MAIN]["labels"])
     quality = summary["quality"]
     table.add_row("quality", quality["level"])
     for warning in quality["warnings"]:
