@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from personavec.cli import parse_layers
 from personavec.core.generation import SamplingParams, generate
 from personavec.core.models import load_model
 from personavec.core.steering import steer
@@ -40,14 +41,13 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--questions", default="0:8", help="slice of the evaluation questions, START:END")
     ap.add_argument("--fraction", type=float, default=0.125, help="share of the residual norm added")
-    ap.add_argument("--layers", default="6-28")
+    ap.add_argument("--layers", default="6-28", help="layers to steer at, e.g. 6-28 or 14,15,16")
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     start, end = (int(x) for x in args.questions.split(":"))
-    lo, hi = (int(x) for x in args.layers.split("-"))
-    layers = list(range(lo, hi + 1))
+    layers = parse_layers(args.layers) or []
     lm = load_model(args.model)
     norms = residual_norms(lm, layers)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
