@@ -17,7 +17,7 @@ import torch
 
 from personavec.core.errors import PersonavecError
 from personavec.core.generation import SamplingParams, generate
-from personavec.core.store import JsonlStore, write_atomic, write_json
+from personavec.core.store import JsonlStore, publish_dir, write_atomic, write_json
 from personavec.core.vectors import PersonaVector
 from personavec.extract.extraction import auroc, cohens_d
 from personavec.extract.filtering import Thresholds, filter_responses
@@ -270,3 +270,20 @@ def test_write_atomic_sets_mode_and_leaves_nothing_behind_on_failure(tmp_path: P
         write_atomic(target, 42)  # type: ignore[arg-type]
     assert target.read_text() == "<html></html>"  # the old file stays
     assert sorted(p.name for p in target.parent.iterdir()) == ["report.html"]  # no temp file left
+
+
+def test_publish_dir_keeps_the_folder_a_concurrent_writer_put_first(tmp_path: Path) -> None:
+    dest = tmp_path / "cache" / "model"
+    dest.parent.mkdir()
+    first, second = tmp_path / "cache" / ".tmp-a", tmp_path / "cache" / ".tmp-b"
+    for folder, text in ((first, "first"), (second, "second")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    assert publish_dir(first, dest) is True
+    assert publish_dir(second, dest) is False  # lost the race: the winner's folder stays, no crash
+    assert (dest / "config.json").read_text() == "first" and second.is_dir()
+
+    blocker = tmp_path / "cache" / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OSError):  # any other failure still surfaces
+        publish_dir(second, blocker)

@@ -31,6 +31,7 @@ from torch import nn
 
 from personavec.core import conversations
 from personavec.core.errors import PersonavecError
+from personavec.core.store import publish_dir
 
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -278,7 +279,9 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "personavec-source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        os.replace(tmp, dest)  # atomic: a crash never leaves a half-written cache folder in place
+        # Atomic: a crash never leaves a half-written cache folder in place, and a second process that
+        # converted the same file at the same time keeps the first one's folder.
+        publish_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

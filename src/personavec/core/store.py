@@ -40,6 +40,33 @@ def write_atomic(path: str | os.PathLike[str], text: str, *, mode: int | None = 
         raise
 
 
+def publish_dir(tmp: str | os.PathLike[str], dest: str | os.PathLike[str]) -> bool:
+    """Move a finished folder into place with ``os.replace``, accepting one a concurrent writer put first.
+
+    Two processes that fill the same cache on first use (two ``extract`` runs started together) both
+    build a folder; the second ``os.replace`` onto a non-empty folder fails. Their contents are the
+    same, so the loser keeps the winner's folder instead of crashing.
+
+    Args:
+        tmp: The finished folder, in the same file system as ``dest``.
+        dest: Where it belongs.
+
+    Returns:
+        True if ``tmp`` was moved into place, False if ``dest`` already held a folder (``tmp`` is left
+        for the caller to remove).
+
+    Raises:
+        OSError: If the move failed for another reason.
+    """
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if Path(dest).is_dir() and any(Path(dest).iterdir()):
+            return False
+        raise
+    return True
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """:func:`write_atomic` of ``obj`` as indented JSON (values JSON cannot hold become strings)."""
     write_atomic(path, json.dumps(obj, indent=2, default=str))
