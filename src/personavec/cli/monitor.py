@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.color import Color
@@ -15,6 +15,11 @@ from rich.text import Text
 
 from personavec.cli import JSON_OPT, MODEL_OPT, app, emit_json, err, friendly, load, out, parse_layers
 from personavec.core.errors import PersonavecError
+
+if TYPE_CHECKING:
+    from personavec.core.models import LoadedModel
+    from personavec.core.vectors import PersonaVector
+    from personavec.monitor.monitoring import MonitorRecord
 
 _LOW = (66, 133, 244)  # blue: below the answer's median projection
 _MID = (170, 170, 170)  # grey: at the median
@@ -74,11 +79,36 @@ def monitor_cmd(
     """Project the last prompt token onto each vector: raw, z and percentile per trait."""
     from personavec.core.generation import SamplingParams
     from personavec.core.vectors import PersonaVector
-    from personavec.monitor.monitoring import monitor, read_jsonl_with_lines
+    from personavec.monitor.monitoring import monitor
 
     if (prompt is None) == (file is None):
         raise PersonavecError("pass exactly one of --prompt TEXT or --file conversations.jsonl")
     vecs = [PersonaVector.load(p) for p in vectors]
+    convs, lines, errors = _conversations(prompt, file, system)
+    lm = load(model)
+    _warn_other_weights(vectors, vecs, lm)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    with err.status("generating and tracing ..." if generate else "reading activations ..."):
+        records = monitor(lm, vecs, convs, layers=parse_layers(layer), generate=generate, params=params)
+
+    notes = _notes(records, vectors)
+    if as_json:
+        rows = _json_rows(records, vectors, lines)
+        emit_json({"model": lm.info.id, "records": rows, "errors": errors, "notes": notes})
+        _print_notes(notes)
+        return
+    out.print(_readings_table(records, convs, lines if file is not None else None, lm.info.id))
+    if generate:
+        _print_token_traces(records)
+    _print_notes(notes)
+
+
+def _conversations(
+    prompt: str | None, file: Path | None, system: str | None
+) -> tuple[list[list[dict[str, str]]], list[int | None], list[str]]:
+    """The conversations to read, each one's line in ``file`` (``None`` for --prompt), and bad lines."""
+    from personavec.monitor.monitoring import read_jsonl_with_lines
+
     errors: list[str] = []
     lines: list[int | None]
     if prompt is not None:
@@ -97,9 +127,12 @@ def monitor_cmd(
         convs = [
             c if c[0]["role"] == "system" else [{"role": "system", "content": system}, *c] for c in convs
         ]
+    return convs, lines, errors
 
-    lm = load(model)
-    for path, v in zip(vectors, vecs):
+
+def _warn_other_weights(paths: Sequence[Path], vecs: Sequence[PersonaVector], lm: LoadedModel) -> None:
+    """Warn about vectors made on a model of the same shape but other weights."""
+    for path, v in zip(paths, vecs):
         if v.meta.model_fingerprint != lm.info.fingerprint and (v.meta.n_blocks, v.meta.hidden_size) == (
             lm.info.n_blocks,
             lm.info.hidden_size,
@@ -110,29 +143,45 @@ def monitor_cmd(
                 highlight=False,
                 soft_wrap=True,
             )
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    with err.status("generating and tracing ..." if generate else "reading activations ..."):
-        records = monitor(lm, vecs, convs, layers=parse_layers(layer), generate=generate, params=params)
 
+
+def _notes(records: Sequence[MonitorRecord], vectors: Sequence[Path]) -> list[str]:
+    """The records' notes, once each, in order, naming the vector file."""
     notes: dict[str, None] = {}
     for r in records:
         if r.note is not None:
             notes[r.note.replace("VECTOR", str(vectors[r.vector]))] = None
-    if as_json:
-        rows: list[dict[str, Any]] = []
-        for r in records:
-            row = {**r.to_dict(), "vector_file": str(vectors[r.vector])}
-            if lines[r.conversation] is not None:
-                row["line"] = lines[r.conversation]
-            rows.append(row)
-        emit_json({"model": lm.info.id, "records": rows, "errors": errors, "notes": list(notes)})
-        for note in notes:
-            err.print(f"note: {note}", highlight=False, soft_wrap=True)
-        return
+    return list(notes)
 
-    table = Table(title=f"trait readings before the answer ({lm.info.id})")
+
+def _print_notes(notes: Sequence[str]) -> None:
+    for note in notes:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+
+
+def _json_rows(
+    records: Sequence[MonitorRecord], vectors: Sequence[Path], lines: Sequence[int | None]
+) -> list[dict[str, Any]]:
+    """The records as JSON objects, with their vector file and, for --file, their line."""
+    rows: list[dict[str, Any]] = []
+    for r in records:
+        row = {**r.to_dict(), "vector_file": str(vectors[r.vector])}
+        if lines[r.conversation] is not None:
+            row["line"] = lines[r.conversation]
+        rows.append(row)
+    return rows
+
+
+def _readings_table(
+    records: Sequence[MonitorRecord],
+    convs: Sequence[Sequence[dict[str, str]]],
+    lines: Sequence[int | None] | None,
+    model_id: str,
+) -> Table:
+    """One row per reading; ``lines`` (with --file) adds a line column."""
+    table = Table(title=f"trait readings before the answer ({model_id})")
     table.add_column("#", justify="right")
-    if file is not None:
+    if lines is not None:
         table.add_column("line", justify="right")
     table.add_column("prompt")
     table.add_column("trait")
@@ -142,7 +191,7 @@ def monitor_cmd(
     table.add_column("percentile", justify="right")
     for r in records:
         cells = [str(r.conversation)]
-        if file is not None:
+        if lines is not None:
             cells.append(str(lines[r.conversation]))
         cells += [
             _preview(convs[r.conversation]),
@@ -153,19 +202,19 @@ def monitor_cmd(
             _fmt(r.percentile, ".1f"),
         ]
         table.add_row(*cells)
-    out.print(table)
-    if generate:
-        out.print("token colours: blue = below this answer's median projection, red = above", style="dim")
-        for r in records:
-            assert r.tokens is not None and r.token_projections is not None
-            head = Text(
-                f"[{r.conversation}] {r.trait} @ layer {r.layer}, response mean "
-                f"{_fmt(r.response_mean, '.3f')}: ",
-                style="bold",
-            )
-            out.print(head + colour_tokens(r.tokens, r.token_projections))
-    for note in notes:
-        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    return table
+
+
+def _print_token_traces(records: Sequence[MonitorRecord]) -> None:
+    """Each generated answer with its tokens coloured by their projection."""
+    out.print("token colours: blue = below this answer's median projection, red = above", style="dim")
+    for r in records:
+        assert r.tokens is not None and r.token_projections is not None
+        head = Text(
+            f"[{r.conversation}] {r.trait} @ layer {r.layer}, response mean {_fmt(r.response_mean, '.3f')}: ",
+            style="bold",
+        )
+        out.print(head + colour_tokens(r.tokens, r.token_projections))
 
 
 @app.command("calibrate")

@@ -26,7 +26,11 @@ from personavec.cli import JSON_OPT, MODEL_OPT, app, err, friendly, load, out
 from personavec.core.errors import PersonavecError
 
 if TYPE_CHECKING:
+    from personavec.core.models import LoadedModel
     from personavec.screen.distributed import RayOptions
+    from personavec.screen.filtering import DropSpec
+    from personavec.screen.run import ScreenResult
+    from personavec.screen.scoring import ScreenPlan
     from personavec.screen.vectors import ScreenVector
 
 
@@ -127,25 +131,75 @@ def screen_cmd(
 ) -> None:
     """Score training data: each sample's projection difference (its response against the model's own)."""
     from personavec.screen.filtering import parse_drop
-    from personavec.screen.run import screen
     from personavec.screen.samples import count_rows
-    from personavec.screen.scoring import ScreenPlan
-    from personavec.screen.vectors import resolve_vectors
 
     ray_options = _ray_options(use_ray, ray_address, ray_workers, ray_threads)
     drop = parse_drop(drop_top) if drop_top is not None else None
     total = count_rows(data)  # also refuses a missing path or an unknown format before loading a model
     lm = load(model)
+    plan = _screen_plan(vectors, lm, cheap, own_samples, own_temperature, max_new_tokens)
+    folder = out_dir if out_dir is not None else default_out(data, cheap)
+    result = _screen_with_progress(
+        lm,
+        model,
+        data,
+        plan,
+        folder,
+        total=total,
+        ray_options=ray_options,
+        batch_size=batch_size,
+        rank_by=rank_by,
+        drop=drop,
+        top=top,
+    )
+    summary = result.summary
+    if as_json:
+        _emit_streaming(summary, result.records_path)
+    else:
+        _print_tables(summary)
+    _print_run(summary)
+
+
+def _screen_plan(
+    vectors: list[str],
+    lm: LoadedModel,
+    cheap: bool,
+    own_samples: int,
+    own_temperature: float,
+    max_new_tokens: int,
+) -> ScreenPlan:
+    """The vectors resolved on the model (warning about other weights) and the screening mode."""
+    from personavec.screen.scoring import ScreenPlan
+    from personavec.screen.vectors import resolve_vectors
+
     resolved = resolve_vectors(vectors, lm.info)
     _warn_other_weights(resolved, lm.info.id, lm.info.fingerprint)
-    plan = ScreenPlan(
+    return ScreenPlan(
         resolved,
         cheap=cheap,
         own_samples=own_samples,
         temperature=own_temperature,
         max_new_tokens=max_new_tokens,
     )
-    folder = out_dir if out_dir is not None else default_out(data, cheap)
+
+
+def _screen_with_progress(
+    lm: LoadedModel,
+    model: str | None,
+    data: Path,
+    plan: ScreenPlan,
+    folder: Path,
+    *,
+    total: int | None,
+    ray_options: RayOptions | None,
+    batch_size: int,
+    rank_by: str | None,
+    drop: DropSpec | None,
+    top: int,
+) -> ScreenResult:
+    """Screen ``data`` behind a progress bar, on a Ray cluster when ``ray_options`` asks for one."""
+    from personavec.screen.run import screen
+
     columns = (
         TextColumn("screening"),
         BarColumn(),
@@ -180,12 +234,7 @@ def screen_cmd(
         progress.update(
             task, total=result.summary["rows"]["screened"], completed=result.summary["rows"]["screened"]
         )
-    summary = result.summary
-    if as_json:
-        _emit_streaming(summary, result.records_path)
-    else:
-        _print_tables(summary)
-    _print_run(summary)
+    return result
 
 
 def _warn_other_weights(resolved: Sequence[ScreenVector], model_id: str, fingerprint: str) -> None:

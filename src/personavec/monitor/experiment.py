@@ -457,14 +457,70 @@ def run_monitor_experiment(
         PersonavecError: On a vector/model mismatch, no layer, or a bad ladder.
     """
     cfg = config or ExperimentConfig()
-    bar = progress or (lambda _label, _total: lambda _n: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vector.check_model(lm.info.n_blocks, lm.info.hidden_size, lm.info.id)
     if layer is None:
         layer = vector.require_recommended_layer()
+    session = _session(lm, spec, vector, layer, out, cfg, judge, progress)
+    result = _result_header(session, spec)
+    if cfg.ladder:
+        result["ladder"] = _ladder_result(session, spec, author)
+    if cfg.shots:
+        result["many_shot"] = _many_shot_result(
+            session, spec, examples_from if examples_from is not None else out
+        )
+    _write_results(out, result)
+    return result
+
+
+@dataclass(frozen=True)
+class _Session:
+    """What the experiments of one run share: model, vector, layer, questions, cache and settings."""
+
+    lm: LoadedModel
+    vector: PersonaVector
+    layer: int
+    questions: list[str]
+    store: JsonlStore
+    cfg: ExperimentConfig
+    judge: Any
+    bar: ProgressFactory
+    base: dict[str, Any]  # what every cache key shares besides the messages and the rollout
+
+    @property
+    def judged(self) -> bool:
+        return self.judge is not None
+
+    def items(self, experiment: str, levels: dict[int, list[dict[str, str]]]) -> list[_Item]:
+        """One item per (level, question, rollout); ``levels`` maps a level to its prompt prefix."""
+        made = []
+        for level, prefix in levels.items():
+            for qi, q in enumerate(self.questions):
+                for r in range(self.cfg.rollouts):
+                    msgs = [*prefix, {"role": "user", "content": q}]
+                    key = record_key({**self.base, "messages": msgs, "rollout": r})
+                    made.append(_Item(experiment, level, qi, q, r, msgs, key))
+        return made
+
+    def measure(self, items: Sequence[_Item], stage: str) -> list[dict[str, Any]]:
+        """The records of ``items``, measuring those not yet cached under a progress bar ``stage``."""
+        advance = self.bar(stage, len(items))
+        return _measure(self.lm, self.vector, self.layer, items, self.store, self.cfg, self.judge, advance)
+
+
+def _session(
+    lm: LoadedModel,
+    spec: TraitSpec,
+    vector: PersonaVector,
+    layer: int,
+    out: Path,
+    cfg: ExperimentConfig,
+    judge: Any,
+    progress: ProgressFactory | None,
+) -> _Session:
+    """The run's shared state: the questions asked, the sample cache in ``out`` and the cache-key base."""
     n_q = min(cfg.n_questions or len(spec.evaluation_questions), len(spec.evaluation_questions))
-    questions = spec.evaluation_questions[:n_q]
     store = JsonlStore(out / CACHE_NAME)
     base = {
         "model": lm.info.fingerprint,
@@ -472,69 +528,77 @@ def run_monitor_experiment(
         "layer": layer,
         "sampling": asdict(cfg.sampling),
     }
+    return _Session(
+        lm=lm,
+        vector=vector,
+        layer=layer,
+        questions=spec.evaluation_questions[:n_q],
+        store=store,
+        cfg=cfg,
+        judge=judge,
+        bar=progress or (lambda _label, _total: lambda _n: None),
+        base=base,
+    )
 
-    def items(experiment: str, levels: dict[int, list[dict[str, str]]]) -> list[_Item]:
-        made = []
-        for level, prefix in levels.items():
-            for qi, q in enumerate(questions):
-                for r in range(cfg.rollouts):
-                    msgs = [*prefix, {"role": "user", "content": q}]
-                    key = record_key({**base, "messages": msgs, "rollout": r})
-                    made.append(_Item(experiment, level, qi, q, r, msgs, key))
-        return made
 
-    judged = judge is not None
-    measure = "read-back" + (f" and judge ({judge.name})" if judged else "")
-    result: dict[str, Any] = {
+def _result_header(session: _Session, spec: TraitSpec) -> dict[str, Any]:
+    """The result document's description of the trait, model, layer, measure and settings."""
+    judge, cfg, info = session.judge, session.cfg, session.lm.info
+    measure = "read-back" + (f" and judge ({judge.name})" if session.judged else "")
+    return {
         "trait": spec.name,
         "trait_hash": spec.hash,
-        "model": lm.info.id,
-        "model_fingerprint": lm.info.fingerprint,
-        "layer": layer,
+        "model": info.id,
+        "model_fingerprint": info.fingerprint,
+        "layer": session.layer,
         "measure": measure,
-        "judge": judge.name if judged else None,
+        "judge": judge.name if session.judged else None,
         "settings": {
-            "n_questions": n_q,
+            "n_questions": len(session.questions),
             "rollouts": cfg.rollouts,
             "sampling": asdict(cfg.sampling),
             "shots": list(cfg.shots),
         },
     }
-    if cfg.ladder:
-        ladder = llm_ladder(spec, author) if author else template_ladder(spec)
-        lad_items = items("ladder", {i: [{"role": "system", "content": p}] for i, p in enumerate(ladder)})
-        records = _measure(
-            lm, vector, layer, lad_items, store, cfg, judge, bar("graded system prompts", len(lad_items))
-        )
-        labels = {i: p for i, p in enumerate(ladder)}
-        result["ladder"] = {
-            "author": author or "templates",
-            "prompts": ladder,
-            **_summarise(records, labels, judged),
-        }
-    if cfg.shots:
-        shots = sorted(set(cfg.shots))
-        examples, source = trait_examples(
-            spec, examples_from if examples_from is not None else out, max(shots)
-        )
-        levels = {k: many_shot_conversation(examples, "", k)[:-1] for k in shots}
-        ms_items = items("many_shot", levels)
-        records = _measure(
-            lm, vector, layer, ms_items, store, cfg, judge, bar("many-shot prompts", len(ms_items))
-        )
-        labels = {k: f"{k} shots" for k in shots}
-        result["many_shot"] = {
-            "examples_source": source,
-            "examples": [{"question": q, "answer": a} for q, a in examples],
-            **_summarise(records, labels, judged),
-        }
+
+
+def _ladder_result(session: _Session, spec: TraitSpec, author: str | None) -> dict[str, Any]:
+    """Run the graded system-prompt experiment (templates, or a ladder written by ``author``)."""
+    ladder = llm_ladder(spec, author) if author else template_ladder(spec)
+    items = session.items("ladder", {i: [{"role": "system", "content": p}] for i, p in enumerate(ladder)})
+    records = session.measure(items, "graded system prompts")
+    labels = {i: p for i, p in enumerate(ladder)}
+    return {
+        "author": author or "templates",
+        "prompts": ladder,
+        **_summarise(records, labels, session.judged),
+    }
+
+
+def _many_shot_result(
+    session: _Session, spec: TraitSpec, examples_from: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """Run the many-shot experiment with examples from ``examples_from`` (or the spec's anchors)."""
+    shots = sorted(set(session.cfg.shots))
+    examples, source = trait_examples(spec, examples_from, max(shots))
+    levels = {k: many_shot_conversation(examples, "", k)[:-1] for k in shots}
+    records = session.measure(session.items("many_shot", levels), "many-shot prompts")
+    labels = {k: f"{k} shots" for k in shots}
+    return {
+        "examples_source": source,
+        "examples": [{"question": q, "answer": a} for q, a in examples],
+        **_summarise(records, labels, session.judged),
+    }
+
+
+def _write_results(out: Path, result: dict[str, Any]) -> None:
+    """Write the result document, merge its r values into ``summary.json`` and draw the plots."""
     write_json(out / RESULT_NAME, result)
     _merge_summary(out / "summary.json", monitoring_summary(result))
     try:
         plot_results(result, out)
     except Exception as e:  # the numbers are saved; a plotting failure must only warn
         logging.getLogger(__name__).warning("monitoring plots not written: %s", e)
-    return result
 
 
 def monitoring_summary(result: dict[str, Any]) -> dict[str, Any]:

@@ -301,48 +301,14 @@ def screen(
     t_start = time.perf_counter()
     source = Path(data)
     fmt = data_format(source)
-    if batch_size < 1:
-        raise PersonavecError(f"batch size must be at least 1, got {batch_size}")
-    names = plan.names()
-    primary = rank_by or names[0]
-    if primary not in names:
-        raise PersonavecError(f"--rank-by {primary!r} is not one of the vectors: {', '.join(names)}")
+    names, primary = _check_options(plan, batch_size, rank_by)
     folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "data_sha256": data_fingerprint(source),
-        "format": fmt,
-        "model_fingerprint": lm.info.fingerprint,
-        **plan.settings(),
-    }
-    check_settings(folder, settings)
+    settings = _start_run(lm, source, fmt, plan, folder)
     records = folder / RECORDS_NAME
-    resume = resume_records(records, batch_size)
-    if resume.kept:
-        log(
-            f"resuming: {resume.kept} samples already screened"
-            + (f", {resume.dropped} of an unfinished batch screened again" if resume.dropped else "")
-        )
-    cache = None
-    if not plan.cheap:
-        cache = AnswerCache(
-            folder / ANSWERS_NAME,
-            {"model": lm.info.fingerprint, **plan.generation()},
-        )
-    reading = _Reading()
-    t_loop = time.perf_counter()
-    totals = _score_stream(
-        _batches(source, batch_size, resume.kept, resume.last_line, cache, reading, log),
-        scorer if scorer is not None else local_scorer(lm, plan),
-        records,
-        cache,
-        primary,
-        resume.kept // batch_size,
-        lambda done: on_progress(resume.kept + done) if on_progress is not None else None,
+    resume = _resume(records, batch_size, log)
+    reading, totals, loop_s = _screen_rest(
+        lm, source, plan, folder, resume, batch_size, primary, scorer, on_progress, log
     )
-    loop_s = time.perf_counter() - t_loop
-    _check_reading(reading, resume.kept, source, log)
-
     scores = dataset_scores(
         records, names, primary, cheap=plan.cheap, top_k=top_k, resamples=resamples, seed=seed
     )
@@ -359,12 +325,93 @@ def screen(
         "notes": _notes(plan, scores, timing),
         "files": _files(folder, report),
     }
+    _write_summary(folder, summary, scores, traces, report)
+    return ScreenResult(folder, summary, scores, traces)
+
+
+def _check_options(plan: ScreenPlan, batch_size: int, rank_by: str | None) -> tuple[list[str], str]:
+    """The vectors' names and the ranking one; refuse a batch size under 1 or an unknown --rank-by."""
+    if batch_size < 1:
+        raise PersonavecError(f"batch size must be at least 1, got {batch_size}")
+    names = plan.names()
+    primary = rank_by or names[0]
+    if primary not in names:
+        raise PersonavecError(f"--rank-by {primary!r} is not one of the vectors: {', '.join(names)}")
+    return names, primary
+
+
+def _start_run(lm: LoadedModel, source: Path, fmt: str, plan: ScreenPlan, folder: Path) -> dict[str, Any]:
+    """Create the run folder and return its settings, refusing a folder that holds other settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "data_sha256": data_fingerprint(source),
+        "format": fmt,
+        "model_fingerprint": lm.info.fingerprint,
+        **plan.settings(),
+    }
+    check_settings(folder, settings)
+    return settings
+
+
+def _resume(records: Path, batch_size: int, log: Callable[[str], None]) -> ResumePoint:
+    """Where a rerun picks up: the whole batches already in ``records`` (the rest is screened again)."""
+    resume = resume_records(records, batch_size)
+    if resume.kept:
+        log(
+            f"resuming: {resume.kept} samples already screened"
+            + (f", {resume.dropped} of an unfinished batch screened again" if resume.dropped else "")
+        )
+    return resume
+
+
+def _screen_rest(
+    lm: LoadedModel,
+    source: Path,
+    plan: ScreenPlan,
+    folder: Path,
+    resume: ResumePoint,
+    batch_size: int,
+    primary: str,
+    scorer: Scorer | None,
+    on_progress: Callable[[int], None] | None,
+    log: Callable[[str], None],
+) -> tuple[_Reading, _Totals, float]:
+    """Score the samples after ``resume``; return the reading counts, the totals and the loop's seconds."""
+    cache = None
+    if not plan.cheap:
+        cache = AnswerCache(
+            folder / ANSWERS_NAME,
+            {"model": lm.info.fingerprint, **plan.generation()},
+        )
+    reading = _Reading()
+    t_loop = time.perf_counter()
+    totals = _score_stream(
+        _batches(source, batch_size, resume.kept, resume.last_line, cache, reading, log),
+        scorer if scorer is not None else local_scorer(lm, plan),
+        folder / RECORDS_NAME,
+        cache,
+        primary,
+        resume.kept // batch_size,
+        lambda done: on_progress(resume.kept + done) if on_progress is not None else None,
+    )
+    loop_s = time.perf_counter() - t_loop
+    _check_reading(reading, resume.kept, source, log)
+    return reading, totals, loop_s
+
+
+def _write_summary(
+    folder: Path,
+    summary: dict[str, Any],
+    scores: DatasetScores,
+    traces: dict[str, list[TokenTrace]],
+    report: bool,
+) -> None:
+    """Write ``summary.json`` and, with ``report``, ``report.html``."""
     write_json(folder / SUMMARY_NAME, summary)
     if report:
         from personavec.screen.report import write_screen_report
 
         write_screen_report(folder, summary, scores, traces)
-    return ScreenResult(folder, summary, scores, traces)
 
 
 def _check_reading(reading: _Reading, kept: int, source: Path, log: Callable[[str], None]) -> None:
