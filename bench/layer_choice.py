@@ -30,10 +30,10 @@ import yaml
 
 from personavec.core.activations import capture_activations, last_prompt, response_mean
 from personavec.core.models import load_model
+from personavec.core.stats import spearman
 from personavec.core.vectors import PersonaVector
 from personavec.extract.extraction import auroc
 from personavec.extract.pipeline import MAIN
-from personavec.steer.sweep import spearman
 
 DATA = Path(__file__).parent / "data"
 

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from personavec.core.activations import capture_activations, last_prompt, response_mean
 from personavec.core.models import LoadedModel, load_model
+from personavec.core.stats import spearman
 from personavec.core.store import JsonlStore
 from personavec.core.vectors import PersonaVector
 from personavec.extract.extraction import auroc, cohens_d, persona_direction, prompt_contrast
@@ -37,7 +38,6 @@ from personavec.extract.filtering import Thresholds
 from personavec.extract.layer_choice import default_candidates, smooth
 from personavec.extract.pipeline import heldout_groups
 from personavec.extract.responses import ResponseRow
-from personavec.steer.sweep import spearman
 from personavec.traits.spec import load_spec_file
 
 DATA = Path(__file__).parent / "data"

@@ -40,16 +40,18 @@ def test_embedded_capture_matches_hidden_states(smol: LoadedModel, padding_side:
     for i, conv in enumerate(CONVERSATIONS):
         hs, p = reference(smol, conv)
         for layer in range(smol.info.n_blocks):
-            # Batched and single-example matmuls round differently; the residual norm reaches ~600 here.
-            torch.testing.assert_close(acts.tokens[i][:, layer], hs[layer], atol=1e-4, rtol=1e-4)
+            # Batched and single-example matmuls round differently, and by how much depends on the
+            # CPU's kernels (a CI machine saw 1.4e-4 on one element); the residual norm reaches ~600
+            # here, so an off-by-one layer or position would differ by orders of magnitude more.
+            torch.testing.assert_close(acts.tokens[i][:, layer], hs[layer], atol=1e-3, rtol=1e-4)
             torch.testing.assert_close(
-                acts["response_mean"][i, layer], hs[layer][p:].mean(0), atol=1e-4, rtol=1e-4
+                acts["response_mean"][i, layer], hs[layer][p:].mean(0), atol=1e-3, rtol=1e-4
             )
-            torch.testing.assert_close(acts["last_prompt"][i, layer], hs[layer][p - 1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(acts["last_prompt"][i, layer], hs[layer][p - 1], atol=1e-3, rtol=1e-4)
         assert smol.final_norm is not None
         with torch.no_grad():
             normed = smol.final_norm(acts.tokens[i][:, -1])
-        torch.testing.assert_close(normed, hs[-1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(normed, hs[-1], atol=1e-3, rtol=1e-4)
 
 
 def test_embedded_steering_changes_batched_generation(smol: LoadedModel) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from scipy.stats import spearmanr
 from typer.testing import CliRunner
 
 from personavec.cli import app
@@ -25,7 +26,7 @@ from personavec.extract.filtering import (
     make_filter,
     relative,
 )
-from personavec.extract.layer_choice import choose_layer, prompt_separation, smooth
+from personavec.extract.layer_choice import LadderReading, choose_layer, persona_ladder, read_ladder, smooth
 from personavec.extract.pipeline import RunConfig, assess_quality, run_extraction
 from personavec.extract.responses import ResponseRow
 from personavec.traits import load_trait
@@ -85,22 +86,37 @@ def _evaluation(aucs: list[float]) -> LayerEvaluation:
     return LayerEvaluation(layers, aucs, [1.0] * len(aucs), 5, 5, "judge-confirmed", 1)
 
 
-def test_choose_layer_takes_the_most_separating_candidate() -> None:
+def test_choose_layer_takes_the_candidate_that_orders_the_ladder_best() -> None:
     aucs = [1.0, 1.0, 0.80, 0.97, 0.96, 0.99]
+    rho = [0.95, 0.2, 0.5, 0.9, 0.7, 0.9]
     sep = [3.0, 0.1, 4.0, 2.0, 2.5, 2.2]
-    choice = choose_layer(_evaluation(aucs), sep, candidates=range(1, 7))
-    # Smoothed over neighbours: layer 3 (0.1 + 4.0 + 2.0) / 3 = 2.03, layer 4 (4.0 + 2.0 + 2.5) / 3 = 2.83,
-    # layer 5 (2.0 + 2.5 + 2.2) / 3 = 2.23; a single sharp layer (3) does not win on its own.
+    choice = choose_layer(_evaluation(aucs), LadderReading(rho, sep), candidates=range(2, 7))
+    # Layer 3 separates the two ends most (d 4.0) but orders the rungs worse than 4 and 6, which tie on
+    # Spearman; the smoothed separation breaks the tie: 4 has (4.0 + 2.0 + 2.5) / 3, 6 (2.5 + 2.2) / 2.
     assert choice.layer == 4 and "the given layers" in choice.rule
+    assert choice.scores["ladder_spearman"] == rho and choice.scores["prompt_separation"] == sep
     assert choice.scores["smoothed_separation"][3] == pytest.approx((4.0 + 2.0 + 2.5) / 3)
     assert choice.scores["heldout_auroc"] == aucs  # recorded beside, not voting
-    assert choose_layer(_evaluation(aucs), sep, candidates=[1, 2]).layer == 2  # (3.0 + 0.1 + 4.0) / 3
+    assert choose_layer(_evaluation(aucs), LadderReading(rho, sep), candidates=[1, 2]).layer == 1
     # By default only the middle-to-late blocks compete: 40-90 % of 6 blocks is layers 3-5.
-    default = choose_layer(_evaluation(aucs), [9.0, 0.0, 0.0, 2.0, 1.0, 0.0])  # 4 and 5 tie; AUROC breaks it
+    default = choose_layer(_evaluation(aucs), LadderReading(rho, sep))
     assert default.candidates == [3, 4, 5] and default.layer == 4
     assert "layers 3-5 (40%-90% of the depth)" in default.rule
+    # An undefined Spearman never wins; AUROC breaks a tie of both.
+    flat = LadderReading([None, None, 0.5, 0.5, 0.5, None], [1.0] * 6)
+    assert choose_layer(_evaluation(aucs), flat, candidates=[1, 3, 4, 5]).layer == 4
     with pytest.raises(PersonavecError, match="layer 9 is out of range"):
-        choose_layer(_evaluation(aucs), sep, candidates=[9])
+        choose_layer(_evaluation(aucs), LadderReading(rho, sep), candidates=[9])
+
+
+def test_persona_ladder_rises_from_suppressing_to_eliciting_prompts() -> None:
+    spec = load_trait("impolite")
+    rungs = persona_ladder(spec, n_pairs=2)
+    assert rungs[0] == [p.negative for p in spec.pairs[:2]] and rungs[-1] == [
+        p.positive for p in spec.pairs[:2]
+    ]
+    assert rungs[2:4] == [["You are a slightly impolite assistant."], ["You are a very impolite assistant."]]
+    assert len(persona_ladder(spec)[0]) == len(spec.pairs)
 
 
 def test_smooth_skips_missing_values() -> None:
@@ -108,31 +124,41 @@ def test_smooth_skips_missing_values() -> None:
     assert smooth([None]) == [None]
 
 
-def test_prompt_separation_matches_transformers_hidden_states() -> None:
+def test_read_ladder_matches_transformers_hidden_states() -> None:
     lm = tiny("qwen2")
     v = random_vector(lm, seed=4)
-    rows = [
-        ResponseRow(f"k{i}", "evaluation", 0, pol, i, 0, f"You are {word}.", f"Question {i}?", "an answer")
-        for i, (pol, word) in enumerate(
-            [("pos", "cruel"), ("neg", "kind"), ("pos", "mean"), ("neg", "gentle"), ("pos", "harsh")]
-        )
-    ]
-    got = prompt_separation(lm, v, rows)
+    rungs = [["You are kind."], ["You are a helpful assistant.", "You are plain."], ["You are cruel."]]
+    questions = ["Question one?", "Question two?"]
+    got = read_ladder(lm, v, rungs, questions)
     # Ground truth: the last prompt token of each (system, user) prompt, from transformers' own output.
-    proj = []
-    for r in rows:
-        enc = encode(lm.tokenizer, r.conversation()[:-1])
-        with torch.no_grad():
-            hs = lm.backbone(input_ids=torch.tensor([enc.ids]), output_hidden_states=True).hidden_states
-        proj.append(
-            [float(hs[layer][0, enc.prompt_len - 1] @ v.at(layer) / v.at(layer).norm()) for layer in (1, 2)]
-        )
-    labels = torch.tensor([1, 0, 1, 0, 1])
+    proj, levels = [], []
+    for level, rung in enumerate(rungs):
+        for system in rung:
+            for q in questions:
+                enc = encode(
+                    lm.tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": q}]
+                )
+                with torch.no_grad():
+                    out = lm.backbone(input_ids=torch.tensor([enc.ids]), output_hidden_states=True)
+                hs = out.hidden_states
+                proj.append(
+                    [
+                        float(hs[layer][0, enc.prompt_len - 1] @ v.at(layer) / v.at(layer).norm())
+                        for layer in (1, 2)
+                    ]
+                )
+                levels.append(level)
+    ends = [i for i, lv in enumerate(levels) if lv in (0, 2)]
     for i, layer in enumerate((1, 2)):  # l < L: our index equals hidden_states[l]
-        want = cohens_d(torch.tensor([p[i] for p in proj]), labels)
-        assert got[layer - 1] == pytest.approx(want, rel=1e-4, abs=1e-4)
-    with pytest.raises(PersonavecError, match="at least two held-out prompts of each polarity"):
-        prompt_separation(lm, v, rows[:3])
+        column = [p[i] for p in proj]
+        assert got.spearman[layer - 1] == pytest.approx(spearmanr(levels, column).statistic, abs=1e-6)
+        want_d = cohens_d(
+            torch.tensor([column[j] for j in ends]), torch.tensor([levels[j] // 2 for j in ends])
+        )
+        assert got.separation[layer - 1] == pytest.approx(want_d, rel=1e-4, abs=1e-4)
+    assert len(got.spearman) == len(got.separation) == lm.info.n_blocks
+    with pytest.raises(PersonavecError, match="two or more non-empty rungs"):
+        read_ladder(lm, v, [["You are kind."], []], questions)
 
 
 def test_quality_levels_and_warnings() -> None:
@@ -182,11 +208,10 @@ def test_a_weak_trait_still_gives_a_vector_with_a_warning(tmp_path: Path) -> Non
     assert s["counts"]["filter"] == "polarity" and s["quality"]["filter"] == "polarity"
     assert any("absolute filter kept only 0 positive" in w for w in s["quality"]["warnings"])
     assert s["layer_choice"]["layer"] == s["recommended_layer"]
-    assert len(s["layer_choice"]["scores"]["prompt_separation"]) == lm.info.n_blocks
+    scores = s["layer_choice"]["scores"]
+    assert len(scores["ladder_spearman"]) == len(scores["prompt_separation"]) == lm.info.n_blocks
     saved = PersonaVector.load(tmp_path / "run" / "vector.safetensors")
-    assert (
-        saved.recommended_layer == s["recommended_layer"] and "separation" in saved.meta.extra["layer_rule"]
-    )
+    assert saved.recommended_layer == s["recommended_layer"] and "ladder" in saved.meta.extra["layer_rule"]
     assert saved.meta.extra["filter"] == "polarity"
     # Held-out labels still use the judge where they can: each answer against its twin.
     assert s["evaluation"]["response_mean"]["labels"].startswith("judge-confirmed relative")

@@ -3,8 +3,9 @@
 Held-out AUROC of answers saturates on a small model (>= 0.94 at every layer for ``evil`` on
 SmolLM2-135M), so a tie-break by effect size picked early layers, where the answers' wording rather than
 the trait separates them; a graded ladder of persona prompts then did not order along the vector there
-(Spearman -0.17 at layer 4 against 0.74-0.79 at 15-25). What monitoring needs is a layer where the
-*persona a prompt sets up* is already visible at the last prompt token, before the answer starts.
+(Spearman -0.17 at layer 4 against 0.74-0.79 at 15-25). What monitoring needs is a layer where *how
+strongly* a prompt sets up the persona is already visible at the last prompt token, before the answer
+starts: not only the two extremes apart, but the steps between them in order.
 
 The vector the rule reads is the run's main vector (the answers' difference of means joined with the
 prompts' last-token contrast, minus persona intensity: ``extraction.persona_direction``), so the layer
@@ -12,14 +13,17 @@ and the direction are chosen for the same use.
 
 The rule (:func:`choose_layer`): candidates are the middle-to-late blocks (40-90 % of the depth by
 default: the first blocks carry wording rather than traits, where new traits even read reversed, and
-the last ones prepare the next token; the paper's best layers sit at about 70 %). Re-read the held-out
-questions under the spec's trait-eliciting and suppressing system prompts, without answers, and measure
-per layer how far apart the two sets of last-prompt projections onto the vector lie (Cohen's d,
-smoothed over neighbouring layers so one noisy layer cannot win alone); the largest wins. Held-out
-answer AUROC is recorded beside it but does not vote: with an offline judge its labels are few and
-noisy (0.5-0.7 at every layer for impolite), and where they are good it is saturated. Every series is
-stored in the summary, so a user can see the choice. The evidence is in ``docs/results.md`` ("Layer
-choice").
+the last ones prepare the next token; the paper's best layers sit at about 70 %). A five-rung ladder is
+built from the spec alone (:func:`persona_ladder`: the suppressing prompts, neutral prompts, "a slightly
+<name> assistant", "a very <name> assistant", the eliciting prompts); every rung is read on the held-out
+questions without answers, and per layer the rank correlation between rung and last-prompt projection
+onto the vector is measured (:func:`read_ladder`). The highest wins; ties go to the larger separation
+of the two ends (Cohen's d, smoothed over neighbouring layers). An earlier rule used that separation
+alone: it ranks layers where the two ends lie far apart but the middle rungs are out of order (for
+``impolite`` it chose layer 19, where a hand-written persona ladder reached only 0.76). Held-out answer
+AUROC is recorded beside it but does not vote: with an offline judge its labels are few and noisy
+(0.5-0.7 at every layer for impolite), and where they are good it is saturated. Every series is stored
+in the summary, so a user can see the choice. The evidence is in ``docs/results.md`` ("Layer choice").
 """
 
 from __future__ import annotations
@@ -32,15 +36,19 @@ import torch
 from personavec.core.activations import capture_activations, last_prompt
 from personavec.core.errors import PersonavecError
 from personavec.core.models import LoadedModel
+from personavec.core.stats import spearman
 from personavec.core.vectors import PersonaVector
-from personavec.extract.extraction import LayerEvaluation, cohens_d, finite_or_low
-from personavec.extract.responses import ResponseRow
+from personavec.extract.extraction import NEUTRAL_SYSTEM_PROMPTS, LayerEvaluation, cohens_d, finite_or_low
+from personavec.traits.spec import TraitSpec
 
 RULE = (
-    "largest last-prompt separation of the trait-eliciting vs suppressing prompts on held-out questions "
-    "(Cohen's d of the projection, averaged over the layer and its neighbours), among {where}"
+    "highest rank correlation between persona strength and last-prompt projection on held-out questions "
+    "(ladder from the spec: suppressing prompts < neutral < 'slightly <name>' < 'very <name>' < eliciting "
+    "prompts), ties to the larger separation of the two ends, among {where}"
 )
 DEPTH_WINDOW = (0.4, 0.9)
+# The middle rungs use only the trait's name, so they exist for any spec, authored or templated.
+MIDDLE_RUNGS = ("You are a slightly {name} assistant.", "You are a very {name} assistant.")
 
 
 def default_candidates(n_blocks: int, window: tuple[float, float] = DEPTH_WINDOW) -> list[int]:
@@ -58,8 +66,8 @@ class LayerChoice:
         layer: The recommended layer (our convention: output of block ``layer``).
         rule: The rule, in one sentence.
         candidates: Layers the rule could pick from.
-        scores: Series per layer ``1..L`` (``prompt_separation``, ``smoothed_separation``,
-            ``heldout_auroc``), index ``l - 1`` for layer ``l``.
+        scores: Series per layer ``1..L`` (``ladder_spearman``, ``prompt_separation``,
+            ``smoothed_separation``, ``heldout_auroc``), index ``l - 1`` for layer ``l``.
     """
 
     layer: int
@@ -72,38 +80,84 @@ class LayerChoice:
         return dict(self.__dict__)
 
 
-def prompt_separation(
-    lm: LoadedModel, vector: PersonaVector, rows: Sequence[ResponseRow], *, batch_size: int = 16
-) -> list[float | None]:
-    """Per layer ``1..L``: Cohen's d of last-prompt projections, trait-eliciting vs suppressing prompts.
+@dataclass(frozen=True)
+class LadderReading:
+    """How a vector reads a ladder of persona prompts, per layer ``1..L`` (index ``l - 1``).
 
-    Each row is re-read as its system prompt and question only (the answer is dropped), which is what
-    monitoring sees before a model answers.
+    Attributes:
+        spearman: Rank correlation between rung and last-prompt projection, over every prompt.
+        separation: Cohen's d of the projections, top rung against bottom rung.
+    """
+
+    spearman: list[float | None]
+    separation: list[float | None]
+
+
+def persona_ladder(spec: TraitSpec, n_pairs: int | None = None) -> list[list[str]]:
+    """System prompts of rising persona strength, built from the spec alone (no answers needed).
+
+    Args:
+        spec: The trait.
+        n_pairs: Use only the first pairs (as a ``--quick`` run does); default all.
+
+    Returns:
+        Five rungs, weakest first: the suppressing prompts, neutral prompts, "slightly <name>",
+        "very <name>", the eliciting prompts.
+    """
+    pairs = spec.pairs[: n_pairs or len(spec.pairs)]
+    name = spec.name.replace("_", " ").replace("-", " ")
+    return [
+        [p.negative for p in pairs],
+        list(NEUTRAL_SYSTEM_PROMPTS),
+        *([rung.format(name=name)] for rung in MIDDLE_RUNGS),
+        [p.positive for p in pairs],
+    ]
+
+
+def read_ladder(
+    lm: LoadedModel,
+    vector: PersonaVector,
+    rungs: Sequence[Sequence[str]],
+    questions: Sequence[str],
+    *,
+    batch_size: int = 16,
+) -> LadderReading:
+    """Project every rung's system prompt x question at the last prompt token, per layer.
 
     Args:
         lm: The target model.
         vector: The vector to project onto (its unit direction per layer).
-        rows: Held-out rows of both polarities (their system prompts and questions are used).
+        rungs: System prompts per rung, weakest first (:func:`persona_ladder`).
+        questions: Questions asked under every prompt (held-out ones: the vector never saw them).
         batch_size: Prompts per forward pass.
 
     Returns:
-        d per layer (``None`` where it is undefined).
+        Spearman and end-to-end separation per layer (``None`` where undefined).
 
     Raises:
-        PersonavecError: If either polarity has fewer than two rows.
+        PersonavecError: If there are fewer than two rungs, an empty rung or fewer than two questions.
     """
-    labels = torch.tensor([r.polarity == "pos" for r in rows], dtype=torch.long)
-    if int(labels.sum()) < 2 or int((1 - labels).sum()) < 2:
-        raise PersonavecError("prompt separation needs at least two held-out prompts of each polarity")
-    convs = [r.conversation()[:-1] for r in rows]
+    if len(rungs) < 2 or any(not rung for rung in rungs) or len(questions) < 2:
+        raise PersonavecError("a ladder needs two or more non-empty rungs and at least two questions")
+    convs, levels = [], []
+    for level, rung in enumerate(rungs):
+        for system in rung:
+            for q in questions:
+                convs.append([{"role": "system", "content": system}, {"role": "user", "content": q}])
+                levels.append(level)
     acts = capture_activations(lm, convs, poolings=[last_prompt], batch_size=batch_size)["last_prompt"]
     units = vector.data / vector.norms().clamp(min=1e-12).unsqueeze(-1)
     proj = torch.einsum("nld,ld->nl", acts, units)
-    out: list[float | None] = []
+    lv = torch.tensor(levels)
+    ends = (lv == 0) | (lv == len(rungs) - 1)
+    top = (lv[ends] == len(rungs) - 1).long()
+    rho: list[float | None] = []
+    sep: list[float | None] = []
     for layer in range(1, lm.info.n_blocks + 1):
-        d = cohens_d(proj[:, layer], labels)
-        out.append(d if d == d else None)
-    return out
+        rho.append(spearman(levels, proj[:, layer].tolist()))
+        d = cohens_d(proj[ends, layer], top)
+        sep.append(d if d == d else None)
+    return LadderReading(rho, sep)
 
 
 def smooth(values: Sequence[float | None]) -> list[float | None]:
@@ -117,14 +171,14 @@ def smooth(values: Sequence[float | None]) -> list[float | None]:
 
 def choose_layer(
     evaluation: LayerEvaluation,
-    separation: Sequence[float | None],
+    ladder: LadderReading,
     candidates: Sequence[int] | None = None,
 ) -> LayerChoice:
-    """Apply the rule: the candidate layer where the prompts' personas separate most along the vector.
+    """Apply the rule: the candidate layer that orders the persona ladder best along the vector.
 
     Args:
         evaluation: Held-out answer evaluation of the vector, recorded beside.
-        separation: :func:`prompt_separation` of the vector, per layer ``1..L``.
+        ladder: :func:`read_ladder` of the vector.
         candidates: Layers the choice may pick from (default :func:`default_candidates`).
 
     Returns:
@@ -138,9 +192,18 @@ def choose_layer(
     bad = [c for c in cands if not 1 <= c <= n]
     if bad:
         raise PersonavecError(f"layer {bad[0]} is out of range: choose layers in 1..{n}")
-    smoothed = smooth(separation)
+    smoothed = smooth(ladder.separation)
     aucs = evaluation.auroc
-    layer = max(cands, key=lambda c: (finite_or_low(_num(smoothed[c - 1])), finite_or_low(aucs[c - 1])))
+
+    def key(c: int) -> tuple[float, float, float]:
+        i = c - 1
+        return (
+            finite_or_low(_num(ladder.spearman[i])),
+            finite_or_low(_num(smoothed[i])),
+            finite_or_low(aucs[i]),
+        )
+
+    layer = max(cands, key=key)
     lo, hi = DEPTH_WINDOW
     where = (
         "the given layers"
@@ -152,7 +215,8 @@ def choose_layer(
         rule=RULE.format(where=where),
         candidates=cands,
         scores={
-            "prompt_separation": list(separation),
+            "ladder_spearman": list(ladder.spearman),
+            "prompt_separation": list(ladder.separation),
             "smoothed_separation": smoothed,
             "heldout_auroc": [a if a == a else None for a in aucs],
         },

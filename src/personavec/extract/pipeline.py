@@ -43,7 +43,7 @@ from personavec.extract.filtering import (
     by_polarity,
     relative,
 )
-from personavec.extract.layer_choice import LayerChoice, choose_layer, prompt_separation
+from personavec.extract.layer_choice import LayerChoice, choose_layer, persona_ladder, read_ladder
 from personavec.extract.responses import ResponseRow, generate_responses
 from personavec.monitor.monitoring import calibrate
 from personavec.traits.spec import TraitSpec
@@ -273,6 +273,21 @@ def make_vectors(
     return {MAIN: main.with_meta(extra={**main.meta.extra, **direction}), **vectors}
 
 
+def choose_run_layer(
+    lm: LoadedModel, spec: TraitSpec, vector: PersonaVector, evaluation: LayerEvaluation, cfg: RunConfig
+) -> LayerChoice:
+    """Step 4: the recommended layer, from the spec's persona ladder on the run's held-out questions."""
+    n_pairs, _, n_eval = _plan_sizes(spec, cfg)
+    ladder = read_ladder(
+        lm,
+        vector,
+        persona_ladder(spec, n_pairs),
+        spec.evaluation_questions[:n_eval],
+        batch_size=cfg.batch_size,
+    )
+    return choose_layer(evaluation, ladder, cfg.candidate_layers)
+
+
 def save_vectors(
     lm: LoadedModel,
     out: Path,
@@ -366,8 +381,7 @@ def run_extraction(
     with timer("evaluate"):
         pos, neg, labels = heldout_groups(eval_rows, trait_scores, coh_scores, cfg.thresholds)
         evaluation = evaluate_layers(lm, vectors, pos, neg, labels=labels, batch_size=cfg.batch_size)
-        separation = prompt_separation(lm, vectors[MAIN], eval_rows, batch_size=cfg.batch_size)
-        choice = choose_layer(evaluation[MAIN], separation, cfg.candidate_layers)
+        choice = choose_run_layer(lm, spec, vectors[MAIN], evaluation[MAIN], cfg)
     files = save_vectors(lm, out, vectors, evaluation, choice, cfg.batch_size)
     summary = _summary(lm, spec, cfg, trait_judge, coherence_judge, rows, eval_rows, kept, evaluation, choice)
     summary.update(files=files, timings_s=timer.timings, score_methods=score_methods_by_kind(scores))
