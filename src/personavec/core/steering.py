@@ -162,30 +162,10 @@ def steer(
         PersonavecError: On a vector/model mismatch, a bad layer, or bad positions.
     """
     if isinstance(vector, PersonaVector):
-        chosen = (vector.meta.extra.get("steering") or {}).get("amplify") or {}
-        if layers is None and chosen:
-            layers = int(chosen["layer"])
-            # The stored coefficient was measured at that layer, so it only applies together with it.
-            coef = float(chosen["coef"]) if coef is None else coef
-        elif layers is None:
-            layers = vector.require_recommended_layer()
-        strength = 1.0 if coef is None else coef
-        specs: Sequence[SteeringSpec] = [
-            SteeringSpec(
-                vector, [layers] if isinstance(layers, int) else list(layers), strength, positions, mode
-            )
-        ]
+        specs = [_default_spec(vector, layers, coef, positions, mode)]
     else:
         specs = list(vector)
-    n_blocks, d = lm.info.n_blocks, lm.info.hidden_size
-    plan: list[tuple[int, Tensor, float | Tensor, Positions, Mode]] = []
-    for spec in specs:
-        spec.vector.check_model(n_blocks, d, lm.info.id)
-        pos = check_positions(spec.positions)
-        value = _strength(spec.coef)
-        for layer in check_layers(spec.layers, n_blocks, allow_embeddings=False):
-            plan.append((layer, spec.vector.at(layer), value, pos, spec.mode))
-
+    plan = _plan(lm, specs)
     tracker = _PositionTracker()
     owner = threading.get_ident() if this_thread_only else None
     # Per plan entry, device and dtype: the direction and the strength, converted once.
@@ -232,6 +212,42 @@ def steer(
     finally:
         for h in handles:
             h.remove()
+
+
+def _default_spec(
+    vector: PersonaVector,
+    layers: int | Sequence[int] | None,
+    coef: Coef | None,
+    positions: Positions,
+    mode: Mode,
+) -> SteeringSpec:
+    """One vector's spec, filling the layer and strength a sweep stored (else the recommended layer, 1.0)."""
+    chosen = (vector.meta.extra.get("steering") or {}).get("amplify") or {}
+    if layers is None and chosen:
+        layers = int(chosen["layer"])
+        # The stored coefficient was measured at that layer, so it only applies together with it.
+        coef = float(chosen["coef"]) if coef is None else coef
+    elif layers is None:
+        layers = vector.require_recommended_layer()
+    strength = 1.0 if coef is None else coef
+    return SteeringSpec(
+        vector, [layers] if isinstance(layers, int) else list(layers), strength, positions, mode
+    )
+
+
+def _plan(
+    lm: LoadedModel, specs: Sequence[SteeringSpec]
+) -> list[tuple[int, Tensor, float | Tensor, Positions, Mode]]:
+    """Check every spec against the model and list (layer, direction, strength, positions, mode)."""
+    n_blocks, d = lm.info.n_blocks, lm.info.hidden_size
+    plan: list[tuple[int, Tensor, float | Tensor, Positions, Mode]] = []
+    for spec in specs:
+        spec.vector.check_model(n_blocks, d, lm.info.id)
+        pos = check_positions(spec.positions)
+        value = _strength(spec.coef)
+        for layer in check_layers(spec.layers, n_blocks, allow_embeddings=False):
+            plan.append((layer, spec.vector.at(layer), value, pos, spec.mode))
+    return plan
 
 
 def _strength(coef: Coef) -> float | Tensor:
