@@ -215,7 +215,9 @@ def test_run_extraction_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     paper = PersonaVector.load(tmp_path / "run" / "vector_response_mean.safetensors")
     assert paper.meta.pooling == "response_mean" and paper.meta.method == "mean_diff"
     torch.testing.assert_close(saved.norms(), paper.norms(), atol=1e-4, rtol=1e-4)
-    assert set(s["evaluation"]) == {"persona", "response_mean", "prompt_mean", "last_prompt"}
+    assert set(s["evaluation"]) == {"persona", "response_mean", "prompt_mean", "last_prompt", "same_answer"}
+    same = PersonaVector.load(tmp_path / "run" / "vector_same_answer.safetensors")
+    assert same.meta.method == "same_answer" and saved.meta.pooling.endswith("+same_answer")
     assert (
         saved.meta.extra["trait_hash"] == spec.hash
         and saved.meta.extra["recommended_layer"] == s["recommended_layer"]

@@ -3,8 +3,9 @@
 Extraction averages activations over the kept answers (three poolings, as the paper compares them) and
 takes the per-layer difference of means. The run's main vector (:func:`persona_direction`) adds what
 monitoring reads: the same contrast at the last prompt token, where a persona prompt has been read but no
-answer written, with the direction every strong persona prompt shares removed (see the function for
-why). Evaluation re-reads held-out answers *without their system
+answer written, and the contrast of each kept answer read under both prompts of its pair
+(:func:`same_answer_contrast`), with the direction every strong persona prompt shares removed (see the
+function for why). Evaluation re-reads held-out answers *without their system
 prompt* (question and answer only), so a vector is credited for what the answer says, not for the
 prompt the model was given, and measures per layer how well the projection separates answers that show
 the trait from answers that do not (AUROC and Cohen's d).
@@ -18,11 +19,40 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from personavec.core.activations import DEFAULT_POOLINGS, capture_activations, last_prompt, response_mean
+from personavec.core.activations import (
+    DEFAULT_POOLINGS,
+    Activations,
+    capture_activations,
+    last_prompt,
+    response_mean,
+)
 from personavec.core.errors import PersonavecError
 from personavec.core.models import LoadedModel
 from personavec.core.vectors import PersonaVector, VectorMeta, mean_difference
 from personavec.extract.responses import ResponseRow
+
+
+def require_kept(
+    positive: Sequence[ResponseRow], negative: Sequence[ResponseRow], min_samples: int = 2
+) -> None:
+    """Raise a :class:`PersonavecError` that says what to change when a side has too few kept answers."""
+    if len(positive) < min_samples or len(negative) < min_samples:
+        raise PersonavecError(
+            f"too few answers survived filtering: {len(positive)} positive and {len(negative)} negative "
+            f"(need {min_samples} each); raise --rollouts, relax --min-trait / --max-trait / "
+            "--min-coherence, try --filter relative or polarity, or use a stronger judge"
+        )
+
+
+def capture_answers(
+    lm: LoadedModel,
+    rows: Sequence[ResponseRow],
+    batch_size: int = 16,
+    on_progress: Callable[[int], None] | None = None,
+) -> Activations:
+    """Every answer read under its own system prompt (each pooling ``[len(rows), L + 1, d]``)."""
+    convs = [r.conversation() for r in rows]
+    return capture_activations(lm, convs, batch_size=batch_size, on_batch=on_progress)
 
 
 def extract_vector(
@@ -35,6 +65,7 @@ def extract_vector(
     min_samples: int = 2,
     batch_size: int = 16,
     on_progress: Callable[[int], None] | None = None,
+    captures: Activations | None = None,
 ) -> dict[str, PersonaVector]:
     """Per-layer difference of mean activations of kept positive and negative answers.
 
@@ -47,6 +78,8 @@ def extract_vector(
         min_samples: Fewest kept answers per side to make a vector.
         batch_size: Conversations per forward pass.
         on_progress: Called with the number of conversations captured.
+        captures: :func:`capture_answers` of ``[*positive, *negative]``, when the caller already has it
+            (the pipeline reuses it for :func:`same_answer_contrast`); read here when None.
 
     Returns:
         Pooling name (``response_mean``, ``prompt_mean``, ``last_prompt``) -> ``[L + 1, d]`` vector.
@@ -54,14 +87,10 @@ def extract_vector(
     Raises:
         PersonavecError: If too few answers survived filtering, saying how many and what to change.
     """
-    if len(positive) < min_samples or len(negative) < min_samples:
-        raise PersonavecError(
-            f"too few answers survived filtering: {len(positive)} positive and {len(negative)} negative "
-            f"(need {min_samples} each); raise --rollouts, relax --min-trait / --max-trait / "
-            "--min-coherence, try --filter relative or polarity, or use a stronger judge"
-        )
-    convs = [r.conversation() for r in [*positive, *negative]]
-    acts = capture_activations(lm, convs, batch_size=batch_size, on_batch=on_progress)
+    require_kept(positive, negative, min_samples)
+    if captures is None:
+        captures = capture_answers(lm, [*positive, *negative], batch_size, on_progress)
+    acts = captures
     n_pos = len(positive)
     vectors = {}
     for pooling in (p.__name__ for p in DEFAULT_POOLINGS):
@@ -143,32 +172,98 @@ def prompt_contrast(
     return PromptContrast(pos - neg, (pos + neg) / 2 - read(neutral), len(pairs) * len(questions))
 
 
+def same_answer_contrast(
+    lm: LoadedModel,
+    rows: Sequence[ResponseRow],
+    pairs: Sequence[tuple[str, str]],
+    *,
+    own: Tensor | None = None,
+    batch_size: int = 16,
+    on_progress: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Each answer read under its pair's eliciting and its suppressing prompt: mean difference per layer.
+
+    The answer's words are the same in both reads, so what differs is only how the model holds the
+    answer in the light of the persona it was told to be; when the model rarely *shows* a trait, the
+    two sides' answers barely differ and their difference of means is mostly noise, while this
+    contrast is not (measured in ``docs/results.md``, "New traits offline").
+
+    Args:
+        lm: The target model.
+        rows: Answers (either polarity), each naming its pair by ``row.pair``.
+        pairs: (trait-eliciting, suppressing) system prompts, indexed as the rows' ``pair``.
+        own: Response-mean of each row read under its own system prompt (``[len(rows), L + 1, d]``,
+            as :func:`capture_answers` gives it), so only the other prompt is read here; read when None.
+        batch_size: Conversations per forward pass.
+        on_progress: Called with the number of conversations captured.
+
+    Returns:
+        ``[L + 1, d]``: mean over rows of response-mean(eliciting read) - response-mean(suppressing read).
+
+    Raises:
+        PersonavecError: If there are no rows, a row names a pair that is not given, or ``own`` does not
+            match the rows.
+    """
+    if not rows:
+        raise PersonavecError("same-answer contrast needs at least one answer")
+    if any(not 0 <= r.pair < len(pairs) for r in rows):
+        raise PersonavecError(f"an answer names a prompt pair outside the {len(pairs)} given")
+    if own is not None and own.shape[0] != len(rows):
+        raise PersonavecError(f"own-prompt captures hold {own.shape[0]} answers for {len(rows)} rows")
+    if own is None:
+        own = capture_answers(lm, rows, batch_size, on_progress)["response_mean"]
+    # The other prompt of the row's pair: suppressing for a trait-eliciting answer, and vice versa.
+    convs = [
+        [
+            {"role": "system", "content": pairs[r.pair][1 if r.polarity == "pos" else 0]},
+            {"role": "user", "content": r.question},
+            {"role": "assistant", "content": r.answer},
+        ]
+        for r in rows
+    ]
+    other = capture_activations(
+        lm, convs, poolings=[response_mean], batch_size=batch_size, on_batch=on_progress
+    )["response_mean"]
+    sign = torch.tensor([1.0 if r.polarity == "pos" else -1.0 for r in rows]).view(-1, 1, 1)
+    return (sign.to(own) * (own - other.to(own))).mean(0)
+
+
 def _unit_rows(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-def persona_direction(response: PersonaVector, prompts: PromptContrast) -> PersonaVector:
-    """The run's main vector: response and last-prompt contrasts together, persona intensity removed.
+def persona_direction(
+    response: PersonaVector, prompts: PromptContrast, same_answer: Tensor | None = None
+) -> PersonaVector:
+    """The run's main vector: response, last-prompt (and same-answer) contrasts, persona intensity removed.
 
-    Per layer: the mean of the unit response-mean vector (the paper's) and the unit last-prompt contrast,
-    made orthogonal to the unit intensity direction, and scaled back to the response-mean vector's norm
-    (so a steering coefficient means what it meant for the paper's vector). Why: monitoring reads the
-    last prompt token, where the response-mean vector alone also rises with *any* vivid persona, so
-    on a graded ladder of persona prompts the most saintly persona projected like a mildly selfish one;
-    the prompt contrast is what that token carries, and removing the shared intensity leaves the trait's
-    side of it. Measured in ``docs/results.md`` ("Layer choice").
+    Per layer: the mean of the unit response-mean vector (the paper's), the unit last-prompt contrast
+    and, when given, the unit same-answer contrast (:func:`same_answer_contrast`), made orthogonal to
+    the unit intensity direction, and scaled back to the response-mean vector's norm (so a steering
+    coefficient means what it meant for the paper's vector). Why: monitoring reads the last prompt
+    token, where the response-mean vector alone also rises with *any* vivid persona, so on a graded
+    ladder of persona prompts the most saintly persona projected like a mildly selfish one; the prompt
+    contrast is what that token carries, and removing the shared intensity leaves the trait's side of
+    it. When the model shows a trait only faintly its two sides' answers barely differ, and the
+    same-answer contrast still carries the persona. Measured in ``docs/results.md`` ("Layer choice",
+    "New traits offline").
 
     Args:
         response: The response-mean difference of means.
         prompts: :func:`prompt_contrast` of the same spec's prompts.
+        same_answer: :func:`same_answer_contrast` of the kept answers (``[L + 1, d]``), or None.
 
     Returns:
         The vector, ``method="persona"``.
     """
-    both = _unit_rows(_unit_rows(response.data) + _unit_rows(prompts.contrast.to(response.data)))
+    parts = [response.data, prompts.contrast.to(response.data)]
+    if same_answer is not None:
+        parts.append(same_answer.to(response.data))
+    both = _unit_rows(sum((_unit_rows(x) for x in parts), torch.zeros_like(response.data)))
     i = _unit_rows(prompts.intensity.to(response.data))
     ortho = _unit_rows(both - (both * i).sum(-1, keepdim=True) * i)
-    meta = response.meta.replace(method="persona", pooling="response_mean+last_prompt")
+    pooling = "response_mean+last_prompt" + ("+same_answer" if same_answer is not None else "")
+    meta = response.meta.replace(method="persona", pooling=pooling)
     return PersonaVector(ortho * response.norms().unsqueeze(-1), meta)
 
 

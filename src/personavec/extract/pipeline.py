@@ -28,10 +28,13 @@ from personavec.core.vectors import PersonaVector
 from personavec.extract.extraction import (
     NEUTRAL_SYSTEM_PROMPTS,
     LayerEvaluation,
+    capture_answers,
     evaluate_layers,
     extract_vector,
     persona_direction,
     prompt_contrast,
+    require_kept,
+    same_answer_contrast,
 )
 from personavec.extract.filtering import (
     Filter,
@@ -252,25 +255,39 @@ def make_vectors(
 ) -> dict[str, PersonaVector]:
     """Step 3: the three poolings' difference of means, and the main vector built from them.
 
-    The main vector (``persona``, saved as ``vector.safetensors``) is the response-mean vector joined
-    with the spec prompts' last-prompt contrast, minus persona intensity
-    (:func:`~personavec.extract.extraction.persona_direction`); it costs one forward pass per
-    (prompt, extraction question) and three plain prompts per question, with no generation.
+    The main vector (``persona``, saved as ``vector.safetensors``) joins the response-mean vector, the
+    spec prompts' last-prompt contrast and the kept answers' same-answer contrast, minus persona
+    intensity (:func:`~personavec.extract.extraction.persona_direction`); beyond the paper's capture it
+    costs one forward pass per (prompt, extraction question), three plain prompts per question, and
+    one more read of every kept answer (under its pair's other prompt), with no generation. The
+    same-answer contrast is also saved on its own (``same_answer``).
     """
     n_pairs, n_q, _ = _plan_sizes(spec, cfg)
-    vectors = extract_vector(
-        lm, kept.positive, kept.negative, trait=spec.name, extra=extra, batch_size=cfg.batch_size,
-        on_progress=bar("capturing activations", len(kept.positive) + len(kept.negative)),
+    require_kept(kept.positive, kept.negative)
+    answers = [*kept.positive, *kept.negative]
+    acts = capture_answers(lm, answers, cfg.batch_size, bar("capturing activations", len(answers)))
+    vectors = extract_vector(lm, kept.positive, kept.negative, trait=spec.name, extra=extra, captures=acts)
+    pairs = [(p.positive, p.negative) for p in spec.pairs]
+    prompts = prompt_contrast(lm, pairs[:n_pairs], spec.extraction_questions[:n_q], batch_size=cfg.batch_size)
+    same = same_answer_contrast(
+        lm, answers, pairs, own=acts["response_mean"], batch_size=cfg.batch_size,
+        on_progress=bar("reading answers under the other prompt", len(answers)),
     )  # fmt: skip
-    pairs = [(p.positive, p.negative) for p in spec.pairs[:n_pairs]]
-    prompts = prompt_contrast(lm, pairs, spec.extraction_questions[:n_q], batch_size=cfg.batch_size)
-    main = persona_direction(vectors["response_mean"], prompts)
+    response = vectors["response_mean"]
+    main = persona_direction(response, prompts, same)
     direction = {
-        "direction": "response_mean + spec prompts' last-prompt contrast, orthogonal to persona intensity",
+        "direction": "response_mean + spec prompts' last-prompt contrast + same-answer contrast, "
+        "orthogonal to persona intensity",
         "prompt_contrast_prompts": prompts.n_prompts,
+        "same_answer_reads": len(answers),
         "neutral_system_prompts": list(NEUTRAL_SYSTEM_PROMPTS),
     }
-    return {MAIN: main.with_meta(extra={**main.meta.extra, **direction}), **vectors}
+    same_vector = PersonaVector(same.to(response.data), response.meta.replace(method="same_answer"))
+    return {
+        MAIN: main.with_meta(extra={**main.meta.extra, **direction}),
+        **vectors,
+        "same_answer": same_vector,
+    }
 
 
 def choose_run_layer(
