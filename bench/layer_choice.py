@@ -64,16 +64,24 @@ def handwritten_scores(lm: Any, vector: PersonaVector, path: Path) -> list[float
     return [auroc(proj[:, layer], labels) for layer in range(1, vector.meta.n_blocks + 1)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("vectors", nargs="+", type=Path)
+def load_ladders() -> dict[str, Any]:
+    """Both ladder sets: ``ladder`` (used while comparing directions) and ``ladder_check``."""
+    files = (("ladder", "ladders.yaml"), ("ladder_check", "ladders_check.yaml"))
+    return {name: yaml.safe_load((DATA / file).read_text()) for name, file in files}
+
+
+def parse_args(doc: str, inputs: str) -> argparse.Namespace:
+    """The benchmark's arguments: input paths (named ``inputs``), ``--model`` and ``--json OUT``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument(inputs, nargs="+", type=Path)
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    ladder_sets = {
-        name: yaml.safe_load((DATA / file).read_text())
-        for name, file in (("ladder", "ladders.yaml"), ("ladder_check", "ladders_check.yaml"))
-    }
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "", "vectors")
+    ladder_sets = load_ladders()
     lm = load_model(args.model)
     out: dict[str, Any] = {}
     for path in args.vectors:

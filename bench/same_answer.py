@@ -21,18 +21,16 @@ Run: ``HF_HUB_OFFLINE=1 python bench/same_answer.py runs/evil runs/q_paranoid ..
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from layer_choice import DATA, handwritten_scores, ladder_scores
+from layer_choice import DATA, handwritten_scores, ladder_scores, load_ladders, parse_args
 
 from personavec.core.models import load_model
 from personavec.core.store import JsonlStore
@@ -68,15 +66,9 @@ def variants(lm: Any, run: Path) -> tuple[dict[str, PersonaVector], list[str], i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    ladders = {
-        name: yaml.safe_load((DATA / file).read_text())
-        for name, file in (("A", "ladders.yaml"), ("B", "ladders_check.yaml"))
-    }
+    args = parse_args(__doc__ or "", "runs")
+    sets = load_ladders()
+    ladders = {"A": sets["ladder"], "B": sets["ladder_check"]}
     lm = load_model(args.model)
     n = lm.info.n_blocks
     no_eval = LayerEvaluation(list(range(1, n + 1)), [float("nan")] * n, [float("nan")] * n, 0, 0, "", 1)
