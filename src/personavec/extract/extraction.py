@@ -88,9 +88,8 @@ def extract_vector(
         PersonavecError: If too few answers survived filtering, saying how many and what to change.
     """
     require_kept(positive, negative, min_samples)
-    if captures is None:
-        captures = capture_answers(lm, [*positive, *negative], batch_size, on_progress)
-    acts = captures
+    rows = [*positive, *negative]
+    acts = captures if captures is not None else capture_answers(lm, rows, batch_size, on_progress)
     n_pos = len(positive)
     vectors = {}
     for pooling in (p.__name__ for p in DEFAULT_POOLINGS):
@@ -210,20 +209,26 @@ def same_answer_contrast(
         raise PersonavecError(f"an answer names a prompt pair outside the {len(pairs)} given")
     if own is not None and own.shape[0] != len(rows):
         raise PersonavecError(f"own-prompt captures hold {own.shape[0]} answers for {len(rows)} rows")
+
+    def read(convs: list[list[dict[str, str]]]) -> Tensor:
+        got = capture_activations(
+            lm, convs, poolings=[response_mean], batch_size=batch_size, on_batch=on_progress
+        )
+        return got["response_mean"]
+
     if own is None:
-        own = capture_answers(lm, rows, batch_size, on_progress)["response_mean"]
+        own = read([r.conversation() for r in rows])
     # The other prompt of the row's pair: suppressing for a trait-eliciting answer, and vice versa.
-    convs = [
+    other = read(
         [
-            {"role": "system", "content": pairs[r.pair][1 if r.polarity == "pos" else 0]},
-            {"role": "user", "content": r.question},
-            {"role": "assistant", "content": r.answer},
+            [
+                {"role": "system", "content": pairs[r.pair][1 if r.polarity == "pos" else 0]},
+                {"role": "user", "content": r.question},
+                {"role": "assistant", "content": r.answer},
+            ]
+            for r in rows
         ]
-        for r in rows
-    ]
-    other = capture_activations(
-        lm, convs, poolings=[response_mean], batch_size=batch_size, on_batch=on_progress
-    )["response_mean"]
+    )
     sign = torch.tensor([1.0 if r.polarity == "pos" else -1.0 for r in rows]).view(-1, 1, 1)
     return (sign.to(own) * (own - other.to(own))).mean(0)
 
