@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from personavec.core.conversations import encode
 from personavec.core.models import LoadedModel
 from personavec.core.vectors import PersonaVector, VectorMeta
 
@@ -24,6 +25,16 @@ def random_vector(lm: LoadedModel, trait: str = "test", seed: int = 0, scale: fl
         hidden_size=lm.info.hidden_size,
     )
     return PersonaVector(data, meta)
+
+
+def reference_hidden_states(
+    lm: LoadedModel, conversation: list[dict[str, str]]
+) -> tuple[list[torch.Tensor], int]:
+    """Run one example alone through transformers with output_hidden_states=True: states, prompt length."""
+    enc = encode(lm.tokenizer, conversation)
+    with torch.no_grad():
+        out = lm.backbone(input_ids=torch.tensor([enc.ids]), output_hidden_states=True)
+    return [h[0] for h in out.hidden_states], enc.prompt_len
 
 
 def block_outputs(

@@ -21,16 +21,7 @@ from personavec.core.errors import PersonavecError
 from personavec.core.models import LoadedModel
 
 from .conftest import CONVERSATIONS, tiny
-from .helpers import random_vector
-
-
-def reference(lm: LoadedModel, conversation: list[dict[str, str]]) -> tuple[list[torch.Tensor], int]:
-    """Run one example alone through transformers with output_hidden_states=True."""
-    enc = encode(lm.tokenizer, conversation)
-    ids = torch.tensor([enc.ids])
-    with torch.no_grad():
-        out = lm.backbone(input_ids=ids, output_hidden_states=True)
-    return [h[0] for h in out.hidden_states], enc.prompt_len
+from .helpers import random_vector, reference_hidden_states
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -43,7 +34,7 @@ def test_capture_matches_hidden_states(tiny_lm: LoadedModel, padding_side: str) 
     assert acts["response_mean"].shape == (3, n_blocks + 1, tiny_lm.info.hidden_size)
     assert acts.tokens is not None
     for i, conv in enumerate(CONVERSATIONS):
-        hs, p = reference(tiny_lm, conv)
+        hs, p = reference_hidden_states(tiny_lm, conv)
         assert len(hs) == n_blocks + 1
         for layer in range(n_blocks + 1):
             ref = hs[layer]

@@ -13,7 +13,7 @@ from personavec.core.models import LoadedModel, load_model
 from personavec.core.steering import steer
 
 from .conftest import CONVERSATIONS
-from .test_activations import reference
+from .helpers import reference_hidden_states
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ def test_embedded_capture_matches_hidden_states(smol: LoadedModel, padding_side:
     acts = capture_activations(smol, CONVERSATIONS, tokens=True, padding_side=padding_side, max_padding=1.0)
     assert acts.tokens is not None
     for i, conv in enumerate(CONVERSATIONS):
-        hs, p = reference(smol, conv)
+        hs, p = reference_hidden_states(smol, conv)
         for layer in range(smol.info.n_blocks):
             # Batched and single-example matmuls round differently, and by how much depends on the
             # CPU's kernels (a CI machine saw 1.4e-4 on one element); the residual norm reaches ~600

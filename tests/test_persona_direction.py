@@ -18,7 +18,7 @@ from personavec.extract.extraction import (
 from personavec.extract.responses import ResponseRow
 
 from .conftest import tiny
-from .helpers import random_vector
+from .helpers import random_vector, reference_hidden_states
 
 
 def _last_prompt_mean(lm, systems: list[str], questions: list[str]) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -58,10 +58,8 @@ def _response_mean(lm, system: str, question: str, answer: str) -> torch.Tensor:
         {"role": "user", "content": question},
         {"role": "assistant", "content": answer},
     ]
-    enc = encode(lm.tokenizer, conv)
-    with torch.no_grad():
-        hs = lm.backbone(input_ids=torch.tensor([enc.ids]), output_hidden_states=True).hidden_states
-    return torch.stack([h[0, enc.prompt_len :].mean(0) for h in hs[:-1]])
+    hs, prompt_len = reference_hidden_states(lm, conv)
+    return torch.stack([h[prompt_len:].mean(0) for h in hs[:-1]])
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
